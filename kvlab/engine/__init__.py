@@ -1,0 +1,165 @@
+"""Engine: prefill a document, compress its KV cache with a policy, answer a question on top of it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from kvlab.cache.kvcache import KVCache
+from kvlab.cache.layout import layout_from_config
+from kvlab.cache.observations import ObservationRequest
+from kvlab.engine.compress import budget_from_ratio, compress
+from kvlab.engine.generate import Generation, decode
+from kvlab.engine.prefill import DEFAULT_CHUNK_TOKENS, PrefillResult, prefill
+from kvlab.engine.prompt import PromptParts, split_prompt, stop_token_ids
+from kvlab.engine.runner import ModelRunner
+from kvlab.engine.sampling import Sampler, SamplingConfig
+from kvlab.errors import BudgetError, ContextTooLongError, ParameterError
+from kvlab.models import LoadedModel
+from kvlab.policies.base import Policy
+
+
+@dataclass
+class Answer:
+    """One answered question with its costs. Bytes are KV bytes; seconds are wall-clock."""
+
+    answer: str
+    token_ids: list[int]
+    policy: str
+    policy_params: dict
+    query_aware: bool
+    ratio: float | None
+    budget_tokens: int
+    context_tokens: int
+    question_tokens: int
+    kept_tokens: float
+    kv_bytes_full: int
+    kv_bytes_kept: int
+    kv_bytes_allocated: int
+    prefill_s: float
+    compress_s: float
+    decode_s: float
+    decode_tokens: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["decode_tokens_per_s"] = round(self.decode_tokens_per_s, 2)
+        return data
+
+
+class Engine:
+    """Wraps a LoadedModel; one sequence at a time."""
+
+    def __init__(self, loaded: LoadedModel, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> None:
+        if chunk_tokens < 1:
+            raise ParameterError(f"chunk_tokens must be >= 1 (got {chunk_tokens})")
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.layout = layout_from_config(self.model.config)
+        self.chunk_tokens = chunk_tokens
+        self.stop_ids = stop_token_ids(self.tokenizer, self.model)
+
+    # -- building blocks -------------------------------------------------------------------------------------
+    def prompt(self, context: str, question: str) -> PromptParts:
+        return split_prompt(self.tokenizer, context, question)
+
+    def check_length(self, total_tokens: int, *, force: bool = False) -> None:
+        limit = self.loaded.max_context_tokens
+        if limit and total_tokens > limit and not force:
+            raise ContextTooLongError(
+                f"prompt plus generation needs {total_tokens} tokens but {self.loaded.name} has a {limit}-token "
+                f"window; shorten the document or lower --max-new-tokens (or pass --force to run past the window)")
+
+    def prefill(self, token_ids: torch.Tensor, request: ObservationRequest = ObservationRequest(),
+                progress: bool = False) -> PrefillResult:
+        return prefill(self.model, self.layout, token_ids, request=request, chunk_tokens=self.chunk_tokens,
+                       progress=progress)
+
+    def compress(self, result: PrefillResult, policy: Policy, *, ratio: float | None = None,
+                 budget_tokens: int | None = None, compressible_tokens: int | None = None,
+                 seed: int = 0) -> tuple[KVCache, int, float]:
+        """Compress a copy of ``result.cache``; returns (cache, budget_tokens, seconds)."""
+        compressible = result.cache.num_tokens if compressible_tokens is None else compressible_tokens
+        budget = resolve_budget(ratio, budget_tokens, compressible)
+        cache, seconds = compress(result.cache, policy, result.observations, budget_tokens=budget,
+                                  compressible_tokens=compressible, seed=seed)
+        return cache, budget, seconds
+
+    def continue_and_decode(self, cache: KVCache, suffix_ids: torch.Tensor | None, first_logits: torch.Tensor | None,
+                            *, max_new_tokens: int, sampling: SamplingConfig) -> Generation:
+        """Prefill ``suffix_ids`` on top of ``cache`` (it grows in place), then decode."""
+        runner = ModelRunner(self.model, cache)
+        if suffix_ids is not None and suffix_ids.numel():
+            for start in range(0, int(suffix_ids.numel()), self.chunk_tokens):
+                first_logits = runner.feed(suffix_ids[start:start + self.chunk_tokens])[-1]
+        if first_logits is None:
+            raise ParameterError("nothing to continue from: give a non-empty question")
+        return decode(runner, first_logits, max_new_tokens=max_new_tokens, sampler=Sampler(sampling),
+                      stop_token_ids=self.stop_ids)
+
+    # -- the whole job ----------------------------------------------------------------------------------------
+    def ask(self, context: str, question: str, policy: Policy, *, ratio: float | None = None,
+            budget_tokens: int | None = None, query_aware: bool = False, max_new_tokens: int = 64,
+            sampling: SamplingConfig = SamplingConfig(), force: bool = False, progress: bool = False) -> Answer:
+        """Prefill ``context``, compress with ``policy``, answer ``question``.
+
+        Query-agnostic (default): the document is compressed before the question is seen, as when a cache is
+        reused. Query-aware: the question is part of the prefix, so the policy's observation window is the question.
+        """
+        if max_new_tokens < 1:
+            raise ParameterError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
+        parts = self.prompt(context, question)
+        self.check_length(parts.total_tokens + max_new_tokens, force=force)
+        context_tokens = int(parts.prefix_ids.numel())
+        resolve_budget(ratio, budget_tokens, context_tokens)  # fail on bad arguments before the slow prefill
+        request = policy.observation_request()
+        if query_aware:
+            result = self.prefill(torch.cat([parts.prefix_ids, parts.suffix_ids]), request, progress)
+            suffix, first_logits = None, result.last_logits
+        else:
+            result = self.prefill(parts.prefix_ids, request, progress)
+            suffix, first_logits = parts.suffix_ids, None
+        full_bytes = result.cache.live_bytes
+        cache, budget, compress_s = self.compress(result, policy, ratio=ratio, budget_tokens=budget_tokens,
+                                                  compressible_tokens=context_tokens, seed=sampling.seed)
+        kept_bytes, allocated_bytes, kept = cache.live_bytes, cache.allocated_bytes, context_kept_tokens(
+            cache, context_tokens)
+        generation = self.continue_and_decode(cache, suffix, first_logits, max_new_tokens=max_new_tokens,
+                                              sampling=sampling)
+        return Answer(
+            answer=self.tokenizer.decode(generation.token_ids, skip_special_tokens=True).strip(),
+            token_ids=generation.token_ids, policy=policy.name, policy_params=policy.params(),
+            query_aware=query_aware, ratio=ratio, budget_tokens=budget, context_tokens=context_tokens,
+            question_tokens=int(parts.suffix_ids.numel()), kept_tokens=kept, kv_bytes_full=full_bytes,
+            kv_bytes_kept=kept_bytes, kv_bytes_allocated=allocated_bytes, prefill_s=result.seconds,
+            compress_s=compress_s, decode_s=generation.seconds, decode_tokens=len(generation.token_ids),
+            extra={"stopped_by": generation.stopped_by},
+        )
+
+
+def resolve_budget(ratio: float | None, budget_tokens: int | None, compressible_tokens: int) -> int:
+    """Tokens kept per head per layer, from exactly one of ``ratio`` and ``budget_tokens`` (neither: keep all)."""
+    if ratio is not None and budget_tokens is not None:
+        raise BudgetError("give either a ratio or a budget, not both")
+    if budget_tokens is not None:
+        if budget_tokens < 1:
+            raise BudgetError(f"budget must be >= 1 token per layer (got {budget_tokens})")
+        return min(budget_tokens, compressible_tokens)
+    return budget_from_ratio(0.0 if ratio is None else ratio, compressible_tokens)
+
+
+def context_kept_tokens(cache: KVCache, context_tokens: int) -> float:
+    """Mean context tokens kept per head over the full-attention layers."""
+    counts = [((layer.positions >= 0) & (layer.positions < context_tokens)).sum(-1).float().mean()
+              for layer in cache.layers if layer.spec.kind == "full"]
+    return float(torch.stack(counts).mean()) if counts else float(context_tokens)
+
+
+__all__ = ["Answer", "Engine", "PrefillResult", "SamplingConfig", "resolve_budget"]

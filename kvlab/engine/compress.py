@@ -1,0 +1,59 @@
+"""Apply a policy to a KVCache: score each full-attention layer, protect sinks and the recent window, split the
+budget with the policy's rule, keep the best slots. Sliding-window layers pass through unchanged."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from kvlab.cache.kvcache import KVCache
+from kvlab.cache.observations import Observations
+from kvlab.cache.selection import eligible_scores, protection_mask, select_slots
+from kvlab.errors import BudgetError
+from kvlab.policies.base import Policy, ScoreInputs
+
+
+def budget_from_ratio(ratio: float, compressible_tokens: int) -> int:
+    """Tokens kept per head per layer when ``ratio`` of the ``compressible_tokens`` are evicted."""
+    if not 0.0 <= ratio < 1.0:
+        raise BudgetError(f"ratio must be in [0, 1): the fraction of context tokens evicted (got {ratio})")
+    return max(1, math.ceil(compressible_tokens * (1.0 - ratio) - 1e-9))
+
+
+def compress(cache: KVCache, policy: Policy, observations: Observations, *, budget_tokens: int,
+             compressible_tokens: int | None = None, seed: int = 0) -> tuple[KVCache, float]:
+    """Return (compressed copy of ``cache``, seconds). ``cache`` is left untouched.
+
+    ``budget_tokens`` is the mean number of tokens kept per head per full-attention layer among positions below
+    ``compressible_tokens`` (default: the whole cache); later positions (a question in query-aware mode) are kept
+    on top of the budget.
+    """
+    started = time.perf_counter()
+    compressible = cache.num_tokens if compressible_tokens is None else compressible_tokens
+    sinks = policy.protected_sink_tokens()
+    if budget_tokens < max(1, sinks):
+        raise BudgetError(f"budget of {budget_tokens} tokens is below the {policy.name} sink size ({sinks}); "
+                          f"raise --budget to at least {max(1, sinks)} or lower the ratio")
+    recent = min(policy.protected_recent_tokens(budget_tokens), max(budget_tokens - sinks, 0))
+    protected_tokens = min(sinks + recent, budget_tokens)
+    generator = torch.Generator().manual_seed(seed)
+
+    compressed = KVCache(layers=list(cache.layers), num_tokens=cache.num_tokens)
+    full_layers = [index for index, layer in enumerate(cache.layers) if layer.spec.kind == "full"]
+    ranked = []
+    for index in full_layers:
+        layer = cache.layers[index]
+        inputs = ScoreInputs(index, layer.spec, layer.keys, layer.values, layer.positions,
+                             observations.layer(index), generator)
+        scores = policy.score(inputs).to(layer.keys.device)
+        if scores.shape != layer.positions.shape:
+            raise RuntimeError(f"{policy.name} returned scores of shape {tuple(scores.shape)} for layer {index}, "
+                               f"expected {tuple(layer.positions.shape)}")
+        protected = protection_mask(layer.positions, sinks, compressible - recent, compressible)
+        ranked.append(eligible_scores(scores, layer.positions, protected, compressible))
+    counts = policy.budget_rule().allocate(ranked, budget_tokens, protected_tokens)
+    for index, layer_ranked, layer_counts in zip(full_layers, ranked, counts):
+        compressed.layers[index] = select_slots(cache.layers[index], layer_ranked, layer_counts, compressible)
+    return compressed, time.perf_counter() - started

@@ -1,0 +1,70 @@
+"""Record what policies need while prefill runs: observation-window queries and accumulated attention."""
+
+from __future__ import annotations
+
+import torch
+
+from kvlab.cache.kvcache import PADDING_POSITION
+from kvlab.cache.layout import LayerSpec
+from kvlab.cache.observations import LayerObservation, ObservationRequest, Observations
+
+# Attention sums are computed for this many queries at a time: memory is query_heads x 256 x keys floats.
+ATTENTION_SUM_QUERY_CHUNK = 256
+
+
+class ObservationRecorder:
+    """An attention observer (see ``engine.attention``) that fills an Observations object.
+
+    ``total_tokens`` is the length of the whole prefix being prefilled, so the recorder knows which queries fall
+    in the observation window (the last ``request.window_tokens`` positions).
+    """
+
+    def __init__(self, request: ObservationRequest, layout: list[LayerSpec], total_tokens: int) -> None:
+        self.request = request
+        self.window_start = total_tokens - request.window_tokens
+        self.total_tokens = total_tokens
+        self.observations = Observations(layers=[None] * len(layout), request=request)
+
+    def __call__(self, layer_index: int, spec: LayerSpec, queries: torch.Tensor, keys: torch.Tensor,
+                 slot_positions: torch.Tensor, query_positions: torch.Tensor, scaling: float) -> None:
+        if spec.kind != "full":
+            return  # policies compress full-attention layers only; sliding layers keep their window
+        observation = self.observations.layers[layer_index]
+        if observation is None:
+            observation = self.observations.layers[layer_index] = LayerObservation(scaling=float(scaling))
+        if self.request.window_tokens:
+            self._record_window(observation, queries, query_positions)
+        if self.request.attention_sums:
+            self._accumulate(observation, spec, queries, keys, slot_positions, query_positions, scaling)
+
+    def _record_window(self, observation: LayerObservation, queries: torch.Tensor,
+                       query_positions: torch.Tensor) -> None:
+        in_window = query_positions >= self.window_start
+        if not bool(in_window.any()):
+            return
+        new_queries = queries[:, in_window].detach().clone()
+        new_positions = query_positions[in_window].clone()
+        if observation.window_queries is None:
+            observation.window_queries, observation.window_positions = new_queries, new_positions
+        else:
+            observation.window_queries = torch.cat([observation.window_queries, new_queries], dim=1)
+            observation.window_positions = torch.cat([observation.window_positions, new_positions])
+
+    def _accumulate(self, observation: LayerObservation, spec: LayerSpec, queries: torch.Tensor,
+                    keys: torch.Tensor, slot_positions: torch.Tensor, query_positions: torch.Tensor,
+                    scaling: float) -> None:
+        if observation.attention_sums is None:
+            observation.attention_sums = torch.zeros((spec.kv_heads, self.total_tokens), dtype=torch.float32,
+                                                     device=keys.device)
+        grouped_keys = keys.float().repeat_interleave(spec.group_size, dim=0)  # (query_heads, K, d)
+        received = torch.zeros(slot_positions.shape, dtype=torch.float32, device=keys.device)  # (kv_heads, K)
+        for start in range(0, queries.shape[1], ATTENTION_SUM_QUERY_CHUNK):
+            chunk = queries[:, start:start + ATTENTION_SUM_QUERY_CHUNK].float()
+            chunk_positions = query_positions[start:start + ATTENTION_SUM_QUERY_CHUNK]
+            logits = chunk @ grouped_keys.transpose(1, 2) * scaling
+            slots = slot_positions.repeat_interleave(spec.group_size, dim=0)[:, None, :]
+            visible = (slots <= chunk_positions[None, :, None]) & (slots != PADDING_POSITION)
+            probabilities = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+            received += probabilities.sum(dim=1).reshape(spec.kv_heads, spec.group_size, -1).sum(dim=1)
+        index = slot_positions.clamp(min=0)
+        observation.attention_sums.scatter_add_(-1, index, received * (slot_positions != PADDING_POSITION))

@@ -1,0 +1,59 @@
+"""Chunked prefill: run the prefix through the model once, building a KVCache and the policies' observations."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from kvlab.cache.hf import empty_layer
+from kvlab.cache.kvcache import KVCache
+from kvlab.cache.layout import LayerSpec
+from kvlab.cache.observations import ObservationRequest, Observations
+from kvlab.engine.observe import ObservationRecorder
+from kvlab.engine.runner import ModelRunner
+
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+@dataclass
+class PrefillResult:
+    """The full cache after prefill, what was observed, and the logits at the last prefix position (fp32, vocab)."""
+
+    cache: KVCache
+    observations: Observations
+    last_logits: torch.Tensor
+    seconds: float
+
+
+def empty_cache(model, layout: list[LayerSpec]) -> KVCache:
+    parameter = next(model.parameters())
+    return KVCache(layers=[empty_layer(spec, parameter.dtype, parameter.device) for spec in layout], num_tokens=0)
+
+
+def prefill(model, layout: list[LayerSpec], token_ids: torch.Tensor, *,
+            request: ObservationRequest = ObservationRequest(), chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+            progress: bool = False) -> PrefillResult:
+    """Prefill ``token_ids`` (1-D) from an empty cache in chunks of ``chunk_tokens``.
+
+    Only the last position's logits are computed. Observations cover the whole prefix: the window is its last
+    ``request.window_tokens`` tokens.
+    """
+    started = time.perf_counter()
+    cache = empty_cache(model, layout)
+    runner = ModelRunner(model, cache)
+    wants_observations = request.window_tokens > 0 or request.attention_sums
+    recorder = ObservationRecorder(request, layout, total_tokens=int(token_ids.numel()))
+    logits = None
+    starts = range(0, int(token_ids.numel()), chunk_tokens)
+    bar = tqdm(total=int(token_ids.numel()), unit="tok", desc="prefill", disable=not progress, leave=False)
+    for start in starts:
+        chunk = token_ids[start:start + chunk_tokens]
+        is_last = start + chunk_tokens >= token_ids.numel()
+        logits = runner.feed(chunk, observer=recorder if wants_observations else None,
+                             logits_to_keep=1 if is_last else 0)
+        bar.update(int(chunk.numel()))
+    bar.close()
+    return PrefillResult(cache, recorder.observations, logits[-1], time.perf_counter() - started)

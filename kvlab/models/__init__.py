@@ -1,0 +1,99 @@
+"""Load a causal LM and its tokenizer by embedded name, Hugging Face id or local folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from kvlab.errors import ModelLoadError, UnknownModelError
+from kvlab.models.embedded import EMBEDDED_MODELS, TINY_MODELS, EmbeddedModel
+from kvlab.models.fingerprint import model_fingerprint
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the engine; ``max_context_tokens`` is the model's trained window (tokens)."""
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+
+    @property
+    def config(self):
+        return self.model.config.get_text_config(decoder=True)
+
+    @property
+    def max_context_tokens(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 0) or 0)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return model_fingerprint(self.model, self.tokenizer)
+
+
+def default_device_and_dtype() -> tuple[torch.device, torch.dtype]:
+    """fp32 on CPU (about 5x faster than bf16 on laptop cores); bf16 on CUDA."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | None = None,
+               dtype: torch.dtype | None = None, progress: bool = True) -> LoadedModel:
+    """Load ``smollm2-135m``, ``gemma3-270m``, ``tiny-llama``, ``tiny-gemma3``, a local folder or a hub id."""
+    default_device, default_dtype = default_device_and_dtype()
+    target_device = torch.device(device) if device else default_device
+    target_dtype = dtype or (default_dtype if target_device.type == "cuda" else torch.float32)
+
+    if name_or_path in TINY_MODELS:
+        from kvlab.models import tiny
+
+        model, tokenizer = tiny.tiny_llama() if name_or_path == "tiny-llama" else tiny.tiny_gemma3()
+    else:
+        folder = _resolve_folder(name_or_path, progress)
+        model, tokenizer = _load_pretrained(folder, target_dtype)
+    model = model.to(device=target_device, dtype=target_dtype).eval()
+    return LoadedModel(name=name_or_path, model=model, tokenizer=tokenizer)
+
+
+def _resolve_folder(name_or_path: str, progress: bool) -> str:
+    if name_or_path in EMBEDDED_MODELS:
+        from kvlab.models.convert import ensure_converted
+
+        return str(ensure_converted(EMBEDDED_MODELS[name_or_path], progress=progress))
+    if Path(name_or_path).expanduser().is_dir():
+        return str(Path(name_or_path).expanduser())
+    if "/" not in name_or_path:
+        known = ", ".join([*EMBEDDED_MODELS, *TINY_MODELS])
+        raise UnknownModelError(
+            f"unknown model {name_or_path!r}: use one of {known}, a local folder, or a Hugging Face id like org/name"
+        )
+    return name_or_path  # a hub id; transformers downloads it where a hub is reachable
+
+
+def _load_pretrained(folder: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+    except OSError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(f"could not load model {folder!r}: {first_line}") from None
+    return model, tokenizer
+
+
+__all__ = ["DEFAULT_MODEL", "EMBEDDED_MODELS", "TINY_MODELS", "EmbeddedModel", "LoadedModel", "load_model"]
