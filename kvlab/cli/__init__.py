@@ -1,0 +1,63 @@
+"""``kvlab`` command line: a small dispatcher; each subcommand lives in its own module, imported on use, so
+``kvlab --help`` starts without importing torch."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "ask": "prefill a document, compress its KV cache with a policy, answer a question",
+    "policies": "list the KV-cache policies, their parameters and papers",
+    "models": "list the embedded models and whether their converted weights are cached",
+    "haystack": "write a generated long document with a hidden passkey (for trying policies)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvlab", description="Fit a long document into a KV-cache budget and measure what it costs.",
+        epilog="examples:\n  kvlab haystack --tokens 2000 --out doc.txt\n"
+               "  kvlab ask --context-file doc.txt --question 'What is the pass key?' --policy snapkv --ratio 0.75\n"
+               "  kvlab policies show snapkv",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"kvlab {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in SUBCOMMANDS.items():
+        module = importlib.import_module(f"kvlab.cli.{name}")
+        sub = commands.add_parser(name, help=help_text, description=help_text,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    from kvlab.errors import KvlabError
+
+    try:
+        return args.run(args) or 0
+    except KvlabError as error:
+        print(f"kvlab: error: {error}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("kvlab: interrupted", file=sys.stderr)
+        return 130
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kvlab")
+    except PackageNotFoundError:
+        return "unknown"

@@ -86,13 +86,19 @@ def _resolve_folder(name_or_path: str, progress: bool) -> str:
 
 def _load_pretrained(folder: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    bars_were_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the reload takes about a second; its per-tensor bar is noise
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
     except OSError as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"could not load model {folder!r}: {first_line}") from None
+    finally:
+        if bars_were_enabled:
+            hf_logging.enable_progress_bar()
     return model, tokenizer
 
 

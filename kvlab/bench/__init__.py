@@ -1,0 +1,1 @@
+"""Long-context tasks and their building blocks (haystack text, needles)."""

@@ -1,0 +1,58 @@
+"""kvlab ask: prefill a document, compress its KV cache with a policy, answer a question, report the costs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from kvlab.cli.common import add_model_arguments, add_policy_arguments, policy_from_args, ratio_from_args, read_text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--context-file", required=True, help="document to prefill (UTF-8 text; - for stdin)")
+    parser.add_argument("--question", required=True, help="question asked after the document")
+    add_model_arguments(parser)
+    add_policy_arguments(parser)
+    parser.add_argument("--query-aware", action="store_true",
+                        help="put the question in the prefix so the policy can score with it (SnapKV's setting); "
+                             "default is query-agnostic: compress the document before the question is seen")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens; 0 = off (default)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for sampling and the random policy (default: 0)")
+    parser.add_argument("--chunk-tokens", type=int, default=1024, help="prefill chunk size in tokens (default: 1024)")
+    parser.add_argument("--force", action="store_true", help="run even if the prompt exceeds the model's window")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvlab.engine import Engine, SamplingConfig
+    from kvlab.models import load_model
+
+    context = read_text(args.context_file)
+    policy = policy_from_args(args)
+    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    loaded = load_model(args.model, device=args.device, progress=not args.json)
+    engine = Engine(loaded, chunk_tokens=args.chunk_tokens)
+    answer = engine.ask(context, args.question, policy, ratio=ratio_from_args(args), budget_tokens=args.budget,
+                        query_aware=args.query_aware, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                        force=args.force, progress=not args.json)
+    if args.json:
+        print(json.dumps({"model": loaded.name, "device": str(loaded.device), **answer.to_dict()}))
+    else:
+        print(answer.answer)
+        print(stats_line(answer))
+    return 0
+
+
+def stats_line(answer) -> str:
+    from kvlab.units import format_mib, format_seconds
+
+    saved = answer.kv_bytes_full / answer.kv_bytes_kept if answer.kv_bytes_kept else float("inf")
+    prefill_rate = answer.context_tokens / answer.prefill_s if answer.prefill_s else 0.0
+    mode = "query-aware" if answer.query_aware else "query-agnostic"
+    return (f"[{answer.policy} {mode}] context {answer.context_tokens} tok | kept {answer.kept_tokens:.0f} tok/head"
+            f" | KV {format_mib(answer.kv_bytes_full)} -> {format_mib(answer.kv_bytes_kept)} ({saved:.2f}x smaller)"
+            f" | prefill {format_seconds(answer.prefill_s)} ({prefill_rate:.0f} tok/s)"
+            f" | compress {format_seconds(answer.compress_s)} | decode {answer.decode_tokens_per_s:.1f} tok/s")

@@ -1,0 +1,57 @@
+"""Options shared by subcommands that load a model or apply a policy; parsed values become typed objects here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from kvlab.errors import KvlabError, ParameterError
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="embedded name (smollm2-135m, gemma3-270m, tiny-llama, tiny-gemma3), local folder or "
+                             "Hugging Face id (default: %(default)s)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--policy", default="full", help="KV-cache policy; see `kvlab policies` (default: %(default)s)")
+    amount = parser.add_mutually_exclusive_group()
+    amount.add_argument("--ratio", type=float, default=None,
+                        help="fraction of context tokens evicted, in [0, 1) (default 0.5 for any policy but full)")
+    amount.add_argument("--budget", type=int, default=None, help="context tokens kept per head per layer (mean)")
+    parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="policy parameter, repeatable (e.g. -p window_tokens=64); see `kvlab policies show P`")
+
+
+def policy_from_args(args: argparse.Namespace):
+    from kvlab.policies import make_policy
+
+    params = {}
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ParameterError(f"--param expects KEY=VALUE (got {item!r})")
+        params[key.strip()] = value.strip()
+    return make_policy(args.policy, **params)
+
+
+def ratio_from_args(args: argparse.Namespace) -> float | None:
+    if args.ratio is None and args.budget is None and args.policy != "full":
+        return 0.5
+    return args.ratio
+
+
+def read_text(path: str) -> str:
+    """Read a UTF-8 text file, or standard input for ``-``."""
+    if path == "-":
+        return sys.stdin.read()
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise KvlabError(f"context file {path!r} does not exist; pass a UTF-8 text file to --context-file")
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise KvlabError(f"context file {path!r} is not UTF-8 text; convert it first (e.g. iconv -t utf-8)") from None
