@@ -54,3 +54,11 @@ def empty_layer(spec, dtype: torch.dtype, device: torch.device) -> LayerCache:
         values=torch.zeros((spec.kv_heads, 0, spec.head_dim), dtype=dtype, device=device),
         positions=torch.zeros((spec.kv_heads, 0), dtype=torch.long, device=device),
     )
+
+
+def cache_argument(model) -> str:
+    """Name of the forward() keyword that takes the cache: ``cache`` from transformers 5.24, ``past_key_values``
+    before (still accepted after, with a deprecation warning)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

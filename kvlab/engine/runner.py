@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvlab.cache.hf import sync_from_hf, to_hf_cache, trim_sliding
+from kvlab.cache.hf import cache_argument, sync_from_hf, to_hf_cache, trim_sliding
 from kvlab.cache.kvcache import KVCache
 from kvlab.engine.attention import AttentionState, Observer, kvlab_attention
 
@@ -16,6 +16,7 @@ class ModelRunner:
         self.model = model
         self.cache = cache
         self.hf_cache = to_hf_cache(cache)
+        self.cache_argument = cache_argument(model)
         self.device = next(model.parameters()).device
 
     @torch.inference_mode()
@@ -28,7 +29,7 @@ class ModelRunner:
         with kvlab_attention(self.model, state):
             output = self.model(
                 input_ids=token_ids.to(self.device).reshape(1, -1), position_ids=positions[None],
-                past_key_values=self.hf_cache, use_cache=True, logits_to_keep=max(logits_to_keep, 1),
+                use_cache=True, logits_to_keep=max(logits_to_keep, 1), **{self.cache_argument: self.hf_cache},
             )
         sync_from_hf(self.cache, self.hf_cache)
         trim_sliding(self.cache, self.hf_cache)

@@ -4,7 +4,10 @@ Rule: the last ``window_tokens`` queries of the prefix vote: each key's score is
 them (averaged over the window and over the query heads sharing its KV head), smoothed by 1-D average pooling
 (``kernel_size``) so that neighbours of important tokens are kept too. The window itself is always kept.
 Query-agnostic mode (default) votes with the end of the document; query-aware mode (the paper's setting) votes
-with the question. Deviation: the reference code sums over the window; the mean gives the same ranking.
+with the question. Deviations: the reference code sums over the window (the mean ranks the same) and offers max
+or average pooling (we average). The kernel default is 7, the size of the reference code's LongBench configs:
+on SmolLM2-135M a 5-wide kernel dropped single digits of a 5-digit passkey at ratio 0.75 (on nine ~2K-token haystacks,
+query-aware: 3/9 answered with 5, 9/9 with 7).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ class SnapKV(Policy):
 
     window_tokens: int = param(32, "observation window: last prefix tokens whose queries vote", unit="tokens",
                                minimum=1)
-    kernel_size: int = param(5, "average-pooling kernel over the scores (1 disables)", unit="tokens", minimum=1)
+    kernel_size: int = param(7, "average-pooling kernel over the scores (1 disables)", unit="tokens", minimum=1)
 
     def observation_request(self) -> ObservationRequest:
         return ObservationRequest(window_tokens=self.window_tokens)

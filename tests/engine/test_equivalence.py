@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache
 
+from kvlab.cache.hf import cache_argument
 from kvlab.cache.kvcache import PADDING_POSITION, KVCache, LayerCache
 from kvlab.engine import Engine, SamplingConfig
 from kvlab.engine.runner import ModelRunner
@@ -123,8 +124,8 @@ def reference_question_logits(model, cache: KVCache, suffix_ids: torch.Tensor, f
     mask[0, 0, :, kept:] = torch.full((question, question), float("-inf")).triu(1)
     position_ids = torch.arange(first_position, first_position + question)[None]
     with torch.inference_mode():
-        output = model(input_ids=suffix_ids[None], past_key_values=hf_cache, attention_mask=mask,
-                       position_ids=position_ids, use_cache=True)
+        output = model(input_ids=suffix_ids[None], attention_mask=mask, position_ids=position_ids, use_cache=True,
+                       **{cache_argument(model): hf_cache})
     return output.logits[0].float()
 
 
