@@ -99,11 +99,11 @@ SHAPES = _sentence_shapes()
 
 
 def paragraphs(seed: int):
-    """Endless stream of paragraphs (strings), deterministic for a seed."""
+    """Endless stream of paragraphs, each a list of sentences on one topic, deterministic for a seed."""
     rng = random.Random(seed)
     while True:
         topic = TOPICS[rng.choice(sorted(TOPICS))]
-        yield " ".join(rng.choice(SHAPES)(rng, topic) for _ in range(rng.randint(3, 6)))
+        yield [rng.choice(SHAPES)(rng, topic) for _ in range(rng.randint(3, 6))]
 
 
 @dataclass(frozen=True)
@@ -121,9 +121,17 @@ def build_haystack(count_tokens: Callable[[str], int], target_tokens: int, *, se
     budget = target_tokens - (count_tokens(needle) if needle else 0)
     chosen: list[str] = []
     used = 0
-    for paragraph in paragraphs(seed):
+    for sentences in paragraphs(seed):
+        paragraph = " ".join(sentences)
         cost = count_tokens(paragraph + "\n\n")
-        if used + cost > budget and chosen:
+        if used + cost > budget:
+            # the last paragraph is cut at a sentence boundary so short targets are not overshot
+            while len(sentences) > 1 and used + cost > budget:
+                sentences = sentences[:-1]
+                paragraph = " ".join(sentences)
+                cost = count_tokens(paragraph + "\n\n")
+            if used + cost <= budget or not chosen:
+                chosen.append(paragraph)
             break
         chosen.append(paragraph)
         used += cost
