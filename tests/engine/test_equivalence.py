@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache
 
+from kvlab.bench.haystack import paragraphs
 from kvlab.cache.hf import cache_argument
 from kvlab.cache.kvcache import PADDING_POSITION, KVCache, LayerCache
 from kvlab.engine import Engine, SamplingConfig
@@ -22,25 +23,15 @@ def random_text(length: int, seed: int) -> str:
 
 
 QUESTION = "What is written above?"
-PROSE = [
-    "The river wound slowly through the valley, past orchards heavy with late summer apples.",
-    "In the old observatory, the astronomer adjusted the brass telescope and waited for the clouds to clear.",
-    "Every Saturday the market square filled with stalls selling cheese, honey and fresh bread.",
-    "The train to the coast left at seven, and most passengers slept until the sea came into view.",
-    "She repaired the bicycle with a borrowed wrench and a length of copper wire.",
-    "A storm had knocked down the fence, so the goats wandered into the neighbour's garden.",
-    "The museum opened a new room devoted to maps drawn by sailors three centuries ago.",
-    "After the concert, the violinist walked home through streets still wet with rain.",
-    "The baker explained that good sourdough needs patience more than skill.",
-    "Engineers tested the bridge by driving a column of loaded trucks across it at dawn.",
-    "In spring the hillside turns yellow with wild mustard and the bees return to the hives.",
-    "The library kept a shelf of letters that nobody had claimed since the war.",
-]
 
 
 def prose(sentences: int, seed: int) -> str:
-    rng = random.Random(seed)
-    return " ".join(rng.choice(PROSE) for _ in range(sentences))
+    """``sentences`` sentences of the project's generated prose."""
+    chosen = []
+    for paragraph in paragraphs(seed):
+        chosen.extend(paragraph)
+        if len(chosen) >= sentences:
+            return " ".join(chosen[:sentences])
 
 
 def prompt_ids(engine: Engine, context: str, question: str) -> torch.Tensor:
