@@ -84,6 +84,12 @@ class KVCache:
         counts = [layer.kept_per_head.float().mean() for layer in self.layers if layer.spec.kind == "full"]
         return float(torch.stack(counts).mean()) if counts else float(self.num_tokens)
 
+    def fork(self) -> "KVCache":
+        """A copy that shares the tensors but not the LayerCache objects: growing or trimming the fork (which
+        reassigns tensors, never writes into them) leaves this cache as it was. Costs no tensor copies."""
+        return KVCache(layers=[LayerCache(layer.spec, layer.keys, layer.values, layer.positions)
+                               for layer in self.layers], num_tokens=self.num_tokens)
+
     def clone(self) -> "KVCache":
         return KVCache(
             layers=[LayerCache(layer.spec, layer.keys.clone(), layer.values.clone(), layer.positions.clone())

@@ -12,6 +12,8 @@ SUBCOMMANDS = {
     "policies": "list the KV-cache policies, their parameters and papers",
     "models": "list the embedded models and whether their converted weights are cached",
     "haystack": "write a generated long document with a hidden passkey (for trying policies)",
+    "bench": "sweep policies x ratios over long-context tasks (one prefill per sample) and write a report",
+    "report": "rebuild the tables and plots of a bench folder",
 }
 
 

@@ -97,12 +97,22 @@ class Engine:
         """Prefill ``suffix_ids`` on top of ``cache`` (it grows in place), then decode."""
         runner = ModelRunner(self.model, cache)
         if suffix_ids is not None and suffix_ids.numel():
-            for start in range(0, int(suffix_ids.numel()), self.chunk_tokens):
-                first_logits = runner.feed(suffix_ids[start:start + self.chunk_tokens])[-1]
+            first_logits = self._feed(runner, suffix_ids)
         if first_logits is None:
             raise ParameterError("nothing to continue from: give a non-empty question")
         return decode(runner, first_logits, max_new_tokens=max_new_tokens, sampler=Sampler(sampling),
                       stop_token_ids=self.stop_ids)
+
+    def feed(self, cache: KVCache, token_ids: torch.Tensor) -> torch.Tensor:
+        """Append ``token_ids`` (1-D) to ``cache`` in place, in chunks; return the last position's logits (vocab,)."""
+        return self._feed(ModelRunner(self.model, cache), token_ids)
+
+    def _feed(self, runner: ModelRunner, token_ids: torch.Tensor) -> torch.Tensor:
+        if not token_ids.numel():
+            raise ParameterError("nothing to feed: the token sequence is empty")
+        for start in range(0, int(token_ids.numel()), self.chunk_tokens):
+            logits = runner.feed(token_ids[start:start + self.chunk_tokens])[-1]
+        return logits
 
     # -- the whole job ----------------------------------------------------------------------------------------
     def ask(self, context: str, question: str, policy: Policy, *, ratio: float | None = None,
@@ -162,4 +172,4 @@ def context_kept_tokens(cache: KVCache, context_tokens: int) -> float:
     return float(torch.stack(counts).mean()) if counts else float(context_tokens)
 
 
-__all__ = ["Answer", "Engine", "PrefillResult", "SamplingConfig", "resolve_budget"]
+__all__ = ["Answer", "Engine", "PrefillResult", "SamplingConfig", "context_kept_tokens", "resolve_budget"]

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from kvlab.cache.kvcache import KVCache, LayerCache
+from kvlab.cache.kvcache import KVCache
 from kvlab.cache.observations import Observations
 from kvlab.cache.selection import eligible_scores, protection_mask, select_slots
 from kvlab.errors import BudgetError
@@ -40,10 +40,9 @@ def compress(cache: KVCache, policy: Policy, observations: Observations, *, budg
     protected_tokens = min(sinks + recent, budget_tokens)
     generator = torch.Generator().manual_seed(seed)
 
-    # Fresh LayerCache objects (sharing the tensors): decoding on the copy reassigns its layers' tensors, which
-    # must not reach ``cache`` (sliding layers pass through unchanged and would otherwise be shared).
-    compressed = KVCache(layers=[LayerCache(layer.spec, layer.keys, layer.values, layer.positions)
-                                 for layer in cache.layers], num_tokens=cache.num_tokens)
+    # A fork, not the cache itself: sliding layers pass through unchanged, and decoding on the copy must not
+    # grow them in ``cache``.
+    compressed = cache.fork()
     full_layers = [index for index, layer in enumerate(cache.layers) if layer.spec.kind == "full"]
     ranked = []
     for index in full_layers:

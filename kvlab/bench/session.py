@@ -1,0 +1,172 @@
+"""A whole bench run: settings (preset + overrides), samples, the grid, resume bookkeeping and the report."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from kvlab.bench.presets import PRESETS, get_preset
+from kvlab.bench.report import write_report
+from kvlab.bench.results import ResultsFile
+from kvlab.bench.runner import grid, run_grid, run_info_for
+from kvlab.errors import KvlabError, ParameterError
+from kvlab.fileio import atomic_write_text
+
+DEFAULT_GRID = PRESETS["quick"]
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    """Everything that defines a bench run. ``tasks`` is ignored when ``data_file`` is given."""
+
+    model: str
+    tasks: tuple[str, ...]
+    lengths: tuple[int, ...]
+    samples: int
+    policies: tuple[str, ...]
+    ratios: tuple[float, ...]
+    out_dir: str
+    query_aware: bool = False
+    data_file: str | None = None
+    haystack_dir: str | None = None
+    seed: int = 0
+    device: str | None = None
+    chunk_tokens: int = 1024
+    force: bool = False
+
+    @classmethod
+    def from_cli(cls, args) -> "BenchRequest":
+        base = get_preset(args.preset) if args.preset else DEFAULT_GRID
+        samples = base.samples if args.samples is None else args.samples
+        if samples < 1:
+            raise ParameterError(f"--samples must be >= 1 (got {samples})")
+        lengths = _parse_list(args.lengths, int, "--lengths") if args.lengths else base.lengths
+        if any(length < 64 for length in lengths):
+            raise ParameterError(f"--lengths must be at least 64 tokens each (got {args.lengths})")
+        return cls(
+            model=args.model, tasks=_parse_list(args.tasks, str, "--tasks") if args.tasks else base.tasks,
+            lengths=lengths, samples=samples,
+            policies=_parse_list(args.policies, str, "--policies") if args.policies else base.policies,
+            ratios=_parse_list(args.ratios, float, "--ratios") if args.ratios else base.ratios,
+            out_dir=args.out, query_aware=args.query_aware, data_file=args.data, haystack_dir=args.haystack_dir,
+            seed=args.seed, device=args.device, chunk_tokens=args.chunk_tokens, force=args.force)
+
+
+def _parse_list(text: str, kind, flag: str) -> tuple:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise ParameterError(f"{flag} needs a comma-separated list (got {text!r})")
+    try:
+        return tuple(kind(item) for item in items)
+    except ValueError:
+        raise ParameterError(f"{flag} expects comma-separated {kind.__name__} values (got {text!r})") from None
+
+
+@dataclass
+class BenchOutcome:
+    table: str
+    status_line: str
+    paths: dict
+    interrupted: bool
+    prefills: int
+    rows_written: int
+
+
+def build_samples(request: BenchRequest, tokenizer) -> list:
+    from kvlab.bench.data import load_jsonl
+    from kvlab.bench.tasks import make_samples
+
+    if request.data_file:
+        return load_jsonl(request.data_file)
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return [sample for task in request.tasks for length in request.lengths
+            for sample in make_samples(task, count_tokens, length, request.samples, seed=request.seed,
+                                       haystack_dir=request.haystack_dir)]
+
+
+def run_bench(request: BenchRequest, *, progress: bool = True, loaded=None) -> BenchOutcome:
+    """Run (or resume) the grid of ``request`` into ``request.out_dir``; ``loaded`` reuses a loaded model."""
+    from kvlab.engine import Engine
+    from kvlab.models import load_model
+
+    cells = grid(list(request.policies), list(request.ratios))  # validates before the model loads
+    out_dir = Path(request.out_dir)
+    loaded = loaded or load_model(request.model, device=request.device, progress=progress)
+    engine = Engine(loaded, chunk_tokens=request.chunk_tokens)
+    run_info = run_info_for(engine)
+    _check_folder(out_dir, run_info, request)
+    samples = build_samples(request, loaded.tokenizer)
+    results = ResultsFile(out_dir / "results.jsonl")
+    started = time.time()
+    outcome = run_grid(engine, samples, cells, results, query_aware=request.query_aware, seed=request.seed,
+                       force=request.force, run_info=run_info, progress=progress)
+    state = _update_run_file(out_dir, run_info, request, outcome, started)
+    meta = {**run_info, "query_aware": request.query_aware,
+            "tasks": [request.data_file] if request.data_file else list(request.tasks),
+            "lengths": list(request.lengths), "samples": request.samples, "policies": list(request.policies),
+            "ratios": list(request.ratios), "prefills": state["prefills"], "rows": len(results.rows),
+            "wall_s": round(state["wall_s"], 1), "cells_per_prefill": round(len(results.rows) / max(1, state["prefills"]), 2)}
+    paths = write_report(out_dir, _rows_of(results.rows, request), meta)
+    status = (f"{outcome.rows_written} rows from {outcome.prefills} prefills in {outcome.wall_s:.0f} s"
+              f" ({outcome.cells_skipped} cells already done); {len(results.rows)} rows in {out_dir}/results.jsonl")
+    if outcome.interrupted:
+        status += "; interrupted: rerun the same command to resume"
+    return BenchOutcome(paths["table"], status, paths, outcome.interrupted, outcome.prefills, outcome.rows_written)
+
+
+def _rows_of(rows: list[dict], request: BenchRequest) -> list[dict]:
+    """The rows of this run's mode (a folder may hold query-aware and query-agnostic rows; report one)."""
+    return [row for row in rows if row["query_aware"] == request.query_aware]
+
+
+def _check_folder(out_dir: Path, run_info: dict, request: BenchRequest) -> None:
+    run_file = out_dir / "run.json"
+    if not run_file.exists():
+        return
+    try:
+        previous = json.loads(run_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        raise KvlabError(f"{run_file} is unreadable; remove it or choose another --out folder") from None
+    if previous.get("model_fingerprint") != run_info["model_fingerprint"]:
+        raise KvlabError(f"{out_dir} holds results of model {previous.get('model')!r} (another fingerprint); "
+                         f"choose another --out folder for {request.model!r}")
+
+
+def _update_run_file(out_dir: Path, run_info: dict, request: BenchRequest, outcome, started: float) -> dict:
+    run_file = out_dir / "run.json"
+    state = json.loads(run_file.read_text(encoding="utf-8")) if run_file.exists() else {"prefills": 0, "wall_s": 0.0}
+    state.update(run_info)
+    state["prefills"] = state.get("prefills", 0) + outcome.prefills
+    state["wall_s"] = state.get("wall_s", 0.0) + outcome.wall_s
+    state["query_aware"] = request.query_aware
+    state["last_request"] = asdict(request)
+    state["last_run_started"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))
+    atomic_write_text(run_file, json.dumps(state, indent=2) + "\n")
+    return state
+
+
+def report_folder(folder: str) -> dict:
+    out_dir = Path(folder)
+    results_file = out_dir / "results.jsonl"
+    if not results_file.is_file():
+        raise KvlabError(f"{folder} has no results.jsonl; run `kvlab bench --out {folder}` first")
+    rows = ResultsFile(results_file).rows
+    if not rows:
+        raise KvlabError(f"{results_file} holds no rows yet; run `kvlab bench --out {folder}`")
+    run_file = out_dir / "run.json"
+    meta = json.loads(run_file.read_text(encoding="utf-8")) if run_file.exists() else {}
+    meta.pop("last_request", None)
+    query_aware = meta.get("query_aware", rows[-1]["query_aware"])
+    return write_report(out_dir, [row for row in rows if row["query_aware"] == query_aware], meta)
+
+
+def list_tasks_text() -> str:
+    from kvlab.bench.tasks import TASKS
+
+    width = max(len(name) for name in TASKS.names())
+    return "\n".join(f"{name:<{width}}  {TASKS.get(name).description}" for name in TASKS.names())

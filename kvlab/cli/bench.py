@@ -1,0 +1,39 @@
+"""kvlab bench: sweep policies x ratios over long-context tasks with one prefill per sample; write a report."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=["quick", "standard"], default=None,
+                        help="a named grid (quick: ~5 min on 2 CPU cores); explicit flags override its values")
+    parser.add_argument("--model", default="smollm2-135m", help="model to benchmark (default: %(default)s)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--tasks", default=None, help="comma-separated task names (see --list-tasks)")
+    parser.add_argument("--data", default=None, help="JSONL file of your own cases instead of generated tasks")
+    parser.add_argument("--lengths", default=None, help="comma-separated context lengths in tokens (e.g. 1024,2048)")
+    parser.add_argument("--samples", type=int, default=None, help="samples per task and length")
+    parser.add_argument("--policies", default=None, help="comma-separated policies (see `kvlab policies`)")
+    parser.add_argument("--ratios", default=None, help="comma-separated eviction ratios in [0, 1)")
+    parser.add_argument("--query-aware", action="store_true", help="put the question in the prefix before compressing")
+    parser.add_argument("--haystack-dir", default=None, help="folder of .txt files to use as haystack prose")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the task generators (default: 0)")
+    parser.add_argument("--chunk-tokens", type=int, default=1024, help="prefill chunk size in tokens")
+    parser.add_argument("--force", action="store_true", help="run samples longer than the model's window")
+    parser.add_argument("--out", default="kvlab-bench", help="output folder; rerunning resumes (default: %(default)s)")
+    parser.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvlab.bench.session import BenchRequest, list_tasks_text, run_bench
+
+    if args.list_tasks:
+        print(list_tasks_text())
+        return 0
+    request = BenchRequest.from_cli(args)
+    outcome = run_bench(request, progress=True)
+    print(outcome.table)
+    print(outcome.status_line)
+    print(f"report: {outcome.paths['html']}")
+    return 130 if outcome.interrupted else 0
