@@ -44,3 +44,43 @@ class ModelLoadError(KvlabError, RuntimeError):
 
 class UnsupportedModelError(KvlabError, RuntimeError):
     """The model's architecture does not route attention through transformers' attention interface."""
+
+
+class UnknownTaskError(UnknownNameError):
+    pass
+
+
+class DataError(KvlabError, ValueError):
+    """A benchmark data file or haystack folder that cannot be used as given."""
+
+
+class CacheFileError(KvlabError, ValueError):
+    """A persisted KV-cache file (``.kv``) that cannot be used; the message names the file and the fix."""
+
+
+class MissingCacheFileError(CacheFileError):
+    """The path does not exist, is a directory, or cannot be read."""
+
+
+class CorruptCacheError(CacheFileError):
+    """Not a kvlab cache file, or truncated or corrupted: it must be recreated."""
+
+
+class CacheChecksumError(CorruptCacheError):
+    """The recorded SHA-256 of the metadata or of the tensor payload does not match the file's contents."""
+
+
+class CacheMetadataError(CorruptCacheError):
+    """The metadata is malformed (missing keys, wrong types) or does not match the tensors."""
+
+
+class CacheVersionError(CacheFileError):
+    """The file was written in a format this kvlab does not read (made by a newer kvlab)."""
+
+
+class CacheMismatchError(CacheFileError):
+    """The file was made for another model or tokenizer than the one loaded."""
+
+
+class UnknownCacheEntryError(UnknownNameError):
+    """No entry of the cache store matches the given key or prefix."""

@@ -94,7 +94,7 @@ def run_grid(engine: Engine, samples: list[Sample], cells: list[Cell], results: 
                 bar.update(len(cells) - len(wanted))
                 if not wanted:
                     continue
-                parts = engine.prompt(sample.context, question)
+                parts = engine.prompt(sample.context, question, sample.answer_prefix)
                 engine.check_length(parts.total_tokens + sample.max_new_tokens, force=force)
                 if query_aware:
                     result, suffix_ids = engine.prefill(torch.cat([parts.prefix_ids, parts.suffix_ids]), request), None

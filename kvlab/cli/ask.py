@@ -16,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--query-aware", action="store_true",
                         help="put the question in the prefix so the policy can score with it (SnapKV's setting); "
                              "default is query-agnostic: compress the document before the question is seen")
+    parser.add_argument("--answer-prefix", default="",
+                        help="text that starts the model's answer, e.g. 'The pass key is' (keeps small models terse)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(loaded, chunk_tokens=args.chunk_tokens)
     answer = engine.ask(context, args.question, policy, ratio=ratio_from_args(args), budget_tokens=args.budget,
                         query_aware=args.query_aware, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                        force=args.force, progress=not args.json)
+                        force=args.force, progress=not args.json, answer_prefix=args.answer_prefix)
     if args.json:
         print(json.dumps({"model": loaded.name, "device": str(loaded.device), **answer.to_dict()}))
     else:

@@ -67,8 +67,8 @@ class Engine:
         self.stop_ids = stop_token_ids(self.tokenizer, self.model)
 
     # -- building blocks -------------------------------------------------------------------------------------
-    def prompt(self, context: str, question: str) -> PromptParts:
-        return split_prompt(self.tokenizer, context, question)
+    def prompt(self, context: str, question: str, answer_prefix: str = "") -> PromptParts:
+        return split_prompt(self.tokenizer, context, question, answer_prefix)
 
     def check_length(self, total_tokens: int, *, force: bool = False) -> None:
         limit = self.loaded.max_context_tokens
@@ -117,7 +117,8 @@ class Engine:
     # -- the whole job ----------------------------------------------------------------------------------------
     def ask(self, context: str, question: str, policy: Policy, *, ratio: float | None = None,
             budget_tokens: int | None = None, query_aware: bool = False, max_new_tokens: int = 64,
-            sampling: SamplingConfig = SamplingConfig(), force: bool = False, progress: bool = False) -> Answer:
+            sampling: SamplingConfig = SamplingConfig(), force: bool = False, progress: bool = False,
+            answer_prefix: str = "") -> Answer:
         """Prefill ``context``, compress with ``policy``, answer ``question``.
 
         Query-agnostic (default): the document is compressed before the question is seen, as when a cache is
@@ -125,7 +126,7 @@ class Engine:
         """
         if max_new_tokens < 1:
             raise ParameterError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
-        parts = self.prompt(context, question)
+        parts = self.prompt(context, question, answer_prefix)
         self.check_length(parts.total_tokens + max_new_tokens, force=force)
         context_tokens = int(parts.prefix_ids.numel())
         resolve_budget(ratio, budget_tokens, context_tokens)  # fail on bad arguments before the slow prefill

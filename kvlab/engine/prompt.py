@@ -3,7 +3,8 @@
 With a chat template the user turn is ``context + "\n\n" + question``; the template is rendered once with
 placeholders and cut at the boundary, so the prefix can be prefilled (and compressed) before the question is
 known, and the suffix continues it token for token. Without a template the prompt is
-``context + "\n\nQuestion: " + question + "\nAnswer:"``.
+``context + "\n\nQuestion: " + question + "\nAnswer:"``. An optional answer prefix (RULER's way of making a
+model answer plainly, e.g. "The pass key is") is put at the start of the model's turn, after the header.
 """
 
 from __future__ import annotations
@@ -26,17 +27,18 @@ class PromptParts:
         return int(self.prefix_ids.numel() + self.suffix_ids.numel())
 
 
-def split_prompt(tokenizer, context: str, question: str) -> PromptParts:
+def split_prompt(tokenizer, context: str, question: str, answer_prefix: str = "") -> PromptParts:
     if getattr(tokenizer, "chat_template", None):
         rendered = tokenizer.apply_chat_template(
             [{"role": "user", "content": f"{CONTEXT_MARK}\n\n{QUESTION_MARK}"}], tokenize=False,
             add_generation_prompt=True)
         before, _, rest = rendered.partition(CONTEXT_MARK)
         between, _, after = rest.partition(QUESTION_MARK)
-        prefix_text, suffix_text = before + context, between + question + after
+        prefix_text, suffix_text = before + context, between + question + after + answer_prefix
         add_special = False  # the template writes its own special tokens
     else:
-        prefix_text, suffix_text = context, f"\n\nQuestion: {question}\nAnswer:"
+        prefix_text = context
+        suffix_text = f"\n\nQuestion: {question}\nAnswer:" + (f" {answer_prefix}" if answer_prefix else "")
         add_special = True
     prefix = tokenizer(prefix_text, add_special_tokens=add_special)["input_ids"]
     suffix = tokenizer(suffix_text, add_special_tokens=False)["input_ids"]
