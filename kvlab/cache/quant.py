@@ -1,0 +1,340 @@
+"""KIVI-style asymmetric integer quantization of a KVCache (Liu et al., 2024, "KIVI: A Tuning-Free Asymmetric 2bit
+Quantization for KV Cache", arXiv:2402.02750).
+
+Each value x is stored as an unsigned code c = round((x - zero) / scale), clamped to [0, 2**bits - 1], and read back
+as c * scale + zero, where zero is the group's minimum and scale = (max - min) / (2**bits - 1). As in KIVI:
+  keys   are quantized per channel: one (scale, zero) per head_dim channel per group of ``group_size`` tokens, because
+         key outliers sit in fixed channels;
+  values are quantized per token: one (scale, zero) per token per group of ``group_size`` channels;
+  the most recent tokens stay in full precision (the residual), because the next queries attend to them most.
+
+Choices and deviations from the reference code (jy-yuan/KIVI), which quantizes a streaming cache on the GPU:
+  - Schemes ``int8`` and ``int4`` (KIVI's paper centres on 2 bits; we start at 4 where quality is near lossless).
+    int4 packs two codes per uint8 byte (even channel in the low nibble).
+  - One token split serves keys and values: per head, the oldest ``q`` valid tokens are quantized, where ``q`` is
+    the largest multiple of ``group_size`` not exceeding ``valid - residual_tokens``; the rest (between
+    ``residual_tokens`` and ``residual_tokens + group_size - 1`` tokens, or all of them in a short head) is the
+    residual. KIVI sends the tokens that do not fill a key group to the residual too, but keeps exactly
+    ``residual_tokens`` values; sharing the split keeps one residual tensor pair and one boundary per head.
+  - A head_dim that ``group_size`` does not divide gets a smaller last value group (min/max over the real channels).
+  - Scales and zero points are fp16, as in KIVI (fp32 would add half again to int4's bytes at group 32). The zero
+    point is rounded down and the scale up to fp16, and codes are computed against those stored values, so every
+    element's error stays within scale / 2 of its stored scale. A cache whose values exceed fp16's range (65504)
+    is refused.
+  - Ragged layers: valid slots are packed to the front of each head before the split and scattered back to their
+    original slots after dequantization; padding slots come back as zeros.
+
+Byte accounting (``nbytes``) counts the codes, the scales and zero points and the residual; positions are metadata
+and are not counted, exactly as ``KVCache.allocated_bytes`` does not count them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kvlab.cache.kvcache import PADDING_POSITION, KVCache, LayerCache
+from kvlab.cache.layout import LayerSpec
+from kvlab.errors import ParameterError
+
+SCHEME_BITS = {"int8": 8, "int4": 4}
+DEFAULT_GROUP_SIZE = 32
+DEFAULT_RESIDUAL_TOKENS = 32
+SCALE_DTYPE = torch.float16
+FP16_MAX = torch.finfo(torch.float16).max
+
+
+@dataclass(frozen=True)
+class QuantizationParams:
+    """``group_size``: tokens per key group and channels per value group; ``residual_tokens``: recent tokens per
+    head kept in full precision (0 quantizes everything that fills a group)."""
+
+    scheme: str
+    group_size: int = DEFAULT_GROUP_SIZE
+    residual_tokens: int = DEFAULT_RESIDUAL_TOKENS
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEME_BITS:
+            raise ParameterError(f"unknown quantization scheme {self.scheme!r}; use one of {', '.join(SCHEME_BITS)}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ParameterError(f"quantization group_size must be a positive integer (tokens per key group, "
+                                 f"channels per value group; default {DEFAULT_GROUP_SIZE}), got {self.group_size!r}")
+        if (isinstance(self.residual_tokens, bool) or not isinstance(self.residual_tokens, int)
+                or self.residual_tokens < 0):
+            raise ParameterError(f"quantization residual_tokens must be an integer >= 0 (recent tokens kept in full "
+                                 f"precision; default {DEFAULT_RESIDUAL_TOKENS}), got {self.residual_tokens!r}")
+
+    @property
+    def bits(self) -> int:
+        return SCHEME_BITS[self.scheme]
+
+    def to_dict(self) -> dict:
+        return {"scheme": self.scheme, "group_size": self.group_size, "residual_tokens": self.residual_tokens}
+
+
+@dataclass
+class QuantizedLayer:
+    """One layer. H = kv_heads, S = slots, D = head_dim, Q = quantized slots (a multiple of group_size), R = residual
+    slots, D' = D (int8) or ceil(D / 2) (int4), G = ceil(D / group_size) value groups per token.
+
+    positions (H, S) int64 exactly as in the source LayerCache; key_codes, value_codes (H, Q, D') uint8;
+    key_scales, key_zeros (H, Q / group_size, D) fp16; value_scales, value_zeros (H, Q, G) fp16;
+    residual_keys, residual_values (H, R, D) in the source dtype. Head h's valid tokens are, in slot order, its
+    first ``q_h`` quantized rows then its first ``valid_h - q_h`` residual rows (see ``split_counts``).
+    """
+
+    spec: LayerSpec
+    positions: torch.Tensor
+    key_codes: torch.Tensor
+    key_scales: torch.Tensor
+    key_zeros: torch.Tensor
+    value_codes: torch.Tensor
+    value_scales: torch.Tensor
+    value_zeros: torch.Tensor
+    residual_keys: torch.Tensor
+    residual_values: torch.Tensor
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes of the packed integer codes."""
+        return self.key_codes.nbytes + self.value_codes.nbytes
+
+    @property
+    def overhead_bytes(self) -> int:
+        """Bytes of the fp16 scales and zero points."""
+        return sum(t.nbytes for t in (self.key_scales, self.key_zeros, self.value_scales, self.value_zeros))
+
+    @property
+    def residual_bytes(self) -> int:
+        """Bytes of the full-precision residual keys and values."""
+        return self.residual_keys.nbytes + self.residual_values.nbytes
+
+    @property
+    def nbytes(self) -> int:
+        """KV bytes this layer occupies: codes + scales and zeros + residual (positions not counted)."""
+        return self.payload_bytes + self.overhead_bytes + self.residual_bytes
+
+
+@dataclass
+class QuantizedKVCache:
+    """A quantized KVCache; ``dtype`` is the source cache's dtype, restored by ``dequantize_cache``."""
+
+    layers: list[QuantizedLayer]
+    num_tokens: int
+    params: QuantizationParams
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """KV bytes over all layers (see ``QuantizedLayer.nbytes``)."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(layer.payload_bytes for layer in self.layers)
+
+    @property
+    def overhead_bytes(self) -> int:
+        return sum(layer.overhead_bytes for layer in self.layers)
+
+    @property
+    def residual_bytes(self) -> int:
+        return sum(layer.residual_bytes for layer in self.layers)
+
+
+def split_counts(positions: torch.Tensor, params: QuantizationParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per head: (valid tokens, quantized tokens), each (H,) int64. Quantized = the largest multiple of
+    ``group_size`` <= valid - residual_tokens (at least 0)."""
+    valid = (positions != PADDING_POSITION).sum(dim=-1)
+    groups = (valid - params.residual_tokens).clamp(min=0) // params.group_size
+    return valid, groups * params.group_size
+
+
+def expected_shapes(spec: LayerSpec, positions: torch.Tensor, params: QuantizationParams) -> dict[str, tuple]:
+    """The shape each tensor of a QuantizedLayer must have, given its positions (used to validate loaded files)."""
+    heads, dim, group = spec.kv_heads, spec.head_dim, params.group_size
+    valid, quantized = split_counts(positions, params)
+    q_slots = int(quantized.max()) if heads else 0
+    r_slots = int((valid - quantized).max()) if heads else 0
+    packed = dim if params.bits == 8 else math.ceil(dim / 2)
+    return {
+        "positions": (heads, positions.shape[-1]),
+        "key_codes": (heads, q_slots, packed), "value_codes": (heads, q_slots, packed),
+        "key_scales": (heads, q_slots // group, dim), "key_zeros": (heads, q_slots // group, dim),
+        "value_scales": (heads, q_slots, math.ceil(dim / group)),
+        "value_zeros": (heads, q_slots, math.ceil(dim / group)),
+        "residual_keys": (heads, r_slots, dim), "residual_values": (heads, r_slots, dim),
+    }
+
+
+def quantize_cache(cache: KVCache, scheme: str, group_size: int = DEFAULT_GROUP_SIZE,
+                   residual_tokens: int = DEFAULT_RESIDUAL_TOKENS) -> QuantizedKVCache:
+    """Quantize every layer (full and sliding) of ``cache``; ``cache`` is left untouched.
+
+    Raises ParameterError for an unknown scheme, a group size < 1, residual_tokens < 0, or values that are not
+    finite or exceed the fp16 range of the scales.
+    """
+    params = QuantizationParams(scheme, group_size, residual_tokens)
+    dtype = cache.layers[0].keys.dtype if cache.layers else torch.float32
+    layers = [_quantize_layer(layer, params) for layer in cache.layers]
+    return QuantizedKVCache(layers=layers, num_tokens=cache.num_tokens, params=params, dtype=dtype)
+
+
+def dequantize_cache(quantized: QuantizedKVCache) -> KVCache:
+    """The KVCache back: same layers, positions and slot shapes, in the source dtype; padding slots are zeros."""
+    layers = [_dequantize_layer(layer, quantized.params, quantized.dtype) for layer in quantized.layers]
+    return KVCache(layers=layers, num_tokens=quantized.num_tokens)
+
+
+# -- one layer ---------------------------------------------------------------------------------------------------
+def _quantize_layer(layer: LayerCache, params: QuantizationParams) -> QuantizedLayer:
+    heads, slots, dim = layer.keys.shape
+    valid, quantized = split_counts(layer.positions, params)
+    front = _front_mask(valid, slots)
+    q_slots = int(quantized.max()) if heads else 0
+    r_slots = int((valid - quantized).max()) if heads else 0
+    keys, values = _pack_front(layer.keys, layer.valid, front), _pack_front(layer.values, layer.valid, front)
+    for name, tensor in (("keys", keys), ("values", values)):
+        if not bool(torch.isfinite(tensor).all()):
+            raise ParameterError(f"cannot quantize a cache whose {name} hold NaN or inf; recompute the cache")
+    # Rows a head does not quantize (it has fewer tokens than the longest head) are zeroed: they fill whole key
+    # groups, so they never widen a real group's range, and zeros keep the file deterministic.
+    in_quantized = torch.arange(q_slots, device=keys.device)[None, :] < quantized[:, None]
+    key_block = keys[:, :q_slots].float() * in_quantized[..., None]
+    value_block = values[:, :q_slots].float() * in_quantized[..., None]
+    key_codes, key_scales, key_zeros = _quantize_keys(key_block, params)
+    value_codes, value_scales, value_zeros = _quantize_values(value_block, params)
+    residual_keys = _take_residual(keys, quantized, valid, r_slots)
+    residual_values = _take_residual(values, quantized, valid, r_slots)
+    return QuantizedLayer(layer.spec, layer.positions.clone(), key_codes, key_scales, key_zeros, value_codes,
+                          value_scales, value_zeros, residual_keys, residual_values)
+
+
+def _dequantize_layer(layer: QuantizedLayer, params: QuantizationParams, dtype: torch.dtype) -> LayerCache:
+    heads, slots = layer.positions.shape
+    dim = layer.spec.head_dim
+    valid, quantized = split_counts(layer.positions, params)
+    group = params.group_size
+    key_codes = _unpack(layer.key_codes, params.bits, dim).float()
+    value_codes = _unpack(layer.value_codes, params.bits, dim).float()
+    keys_q = key_codes * _expand(layer.key_scales, group, 1) + _expand(layer.key_zeros, group, 1)
+    values_q = (value_codes * _expand(layer.value_scales, group, 2)[..., :dim]
+                + _expand(layer.value_zeros, group, 2)[..., :dim])
+    keys = _join_front(keys_q, layer.residual_keys.float(), quantized, valid, slots)
+    values = _join_front(values_q, layer.residual_values.float(), quantized, valid, slots)
+    mask = layer.positions != PADDING_POSITION
+    front = _front_mask(valid, slots)
+    out_keys = torch.zeros((heads, slots, dim), dtype=dtype, device=layer.positions.device)
+    out_values = torch.zeros_like(out_keys)
+    out_keys[mask] = keys[front].to(dtype)
+    out_values[mask] = values[front].to(dtype)
+    return LayerCache(layer.spec, out_keys, out_values, layer.positions.clone())
+
+
+# -- the arithmetic ----------------------------------------------------------------------------------------------
+def _quantize_keys(block: torch.Tensor, params: QuantizationParams):
+    """Per channel: block (H, Q, D) float32 → codes (H, Q, D'), scales and zeros (H, Q / group, D)."""
+    heads, q_slots, dim = block.shape
+    grouped = block.reshape(heads, q_slots // params.group_size, params.group_size, dim)
+    scale, zero = _scale_and_zero(grouped.amin(dim=2), grouped.amax(dim=2), params.bits)
+    codes = _encode(block, _expand(scale, params.group_size, 1), _expand(zero, params.group_size, 1), params.bits)
+    return _pack(codes, params.bits), scale, zero
+
+
+def _quantize_values(block: torch.Tensor, params: QuantizationParams):
+    """Per token: block (H, Q, D) float32 → codes (H, Q, D'), scales and zeros (H, Q, ceil(D / group))."""
+    heads, q_slots, dim = block.shape
+    group = params.group_size
+    width = math.ceil(dim / group) * group
+    # Padding channels take +inf for the minimum and -inf for the maximum, so they never set a group's range.
+    grouped = (heads, q_slots, width // group, group)
+    low = torch.nn.functional.pad(block, (0, width - dim), value=float("inf")).reshape(grouped)
+    high = torch.nn.functional.pad(block, (0, width - dim), value=float("-inf")).reshape(grouped)
+    scale, zero = _scale_and_zero(low.amin(dim=-1), high.amax(dim=-1), params.bits)
+    codes = _encode(block, _expand(scale, group, 2)[..., :dim], _expand(zero, group, 2)[..., :dim], params.bits)
+    return _pack(codes, params.bits), scale, zero
+
+
+def _scale_and_zero(minimum: torch.Tensor, maximum: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 (scale, zero) with zero <= minimum and zero + (2**bits - 1) * scale >= maximum, so no code clips."""
+    if minimum.numel() and float(torch.maximum(minimum.abs().max(), maximum.abs().max())) > FP16_MAX / 2:
+        raise ParameterError("cache values exceed the fp16 range of KIVI's scales (|x| > 32752); "
+                             "quantization is not available for this model")
+    zero = _round_fp16(minimum, down=True)
+    scale = _round_fp16((maximum - zero.float()) / (2 ** bits - 1), down=False)
+    return scale, zero
+
+
+def _round_fp16(values: torch.Tensor, *, down: bool) -> torch.Tensor:
+    """Round float32 to fp16 towards -inf (down) or +inf (up)."""
+    rounded = values.to(SCALE_DTYPE)
+    wrong_side = rounded.float() > values if down else rounded.float() < values
+    target = torch.full_like(rounded, float("-inf") if down else float("inf"))
+    return torch.where(wrong_side, torch.nextafter(rounded, target), rounded)
+
+
+def _encode(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes in [0, 2**bits - 1]; a zero scale (constant group) encodes everything as 0."""
+    step = scale.float()
+    codes = (x - zero.float()) / torch.where(step > 0, step, torch.ones_like(step))
+    return codes.round().clamp(0, 2 ** bits - 1).to(torch.uint8)
+
+
+def _expand(stats: torch.Tensor, group: int, dim: int) -> torch.Tensor:
+    """Repeat each per-group statistic ``group`` times along ``dim`` (float32)."""
+    return stats.float().repeat_interleave(group, dim=dim)
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """int4: two codes per byte along the last dim (even index in the low nibble); int8: unchanged."""
+    if bits == 8:
+        return codes
+    if codes.shape[-1] % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def _unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    if bits == 8:
+        return packed
+    both = torch.stack([packed & 0x0F, packed >> 4], dim=-1)
+    return both.reshape(*packed.shape[:-1], 2 * packed.shape[-1])[..., :dim]
+
+
+# -- slot bookkeeping --------------------------------------------------------------------------------------------
+def _front_mask(valid: torch.Tensor, slots: int) -> torch.Tensor:
+    """(H, S) bool: the first ``valid[h]`` slots of each head."""
+    return torch.arange(slots, device=valid.device)[None, :] < valid[:, None]
+
+
+def _pack_front(tensor: torch.Tensor, mask: torch.Tensor, front: torch.Tensor) -> torch.Tensor:
+    """Move each head's valid slots (in slot order) to its first slots; the rest are zeros."""
+    packed = torch.zeros_like(tensor)
+    packed[front] = tensor[mask]  # boolean indexing walks heads then slots, so order is kept on both sides
+    return packed
+
+
+def _take_residual(front: torch.Tensor, quantized: torch.Tensor, valid: torch.Tensor, r_slots: int) -> torch.Tensor:
+    """(H, r_slots, D): head h's front slots [quantized[h], valid[h]), left-aligned, zero-padded."""
+    heads, slots, dim = front.shape
+    rank = torch.arange(r_slots, device=front.device)[None, :]
+    index = (quantized[:, None] + rank).clamp(max=max(slots - 1, 0))
+    taken = front.gather(1, index[..., None].expand(-1, -1, dim)) if slots else front.new_zeros((heads, 0, dim))
+    return (taken * (rank < (valid - quantized)[:, None])[..., None]).contiguous()
+
+
+def _join_front(quantized_rows: torch.Tensor, residual: torch.Tensor, quantized: torch.Tensor, valid: torch.Tensor,
+                slots: int) -> torch.Tensor:
+    """Inverse of the split: (H, S, D) float32 with head h's quantized rows, then its residual rows, then zeros."""
+    heads, q_slots, dim = quantized_rows.shape
+    slot = torch.arange(slots, device=quantized_rows.device)[None, :]
+    from_quantized = torch.cat([quantized_rows, quantized_rows.new_zeros((heads, slots - q_slots, dim))], dim=1)
+    if residual.shape[1]:
+        index = (slot - quantized[:, None]).clamp(0, residual.shape[1] - 1)
+        from_residual = residual.gather(1, index[..., None].expand(-1, -1, dim))
+    else:
+        from_residual = torch.zeros_like(from_quantized)
+    joined = torch.where((slot < quantized[:, None])[..., None], from_quantized, from_residual)
+    return joined * (slot < valid[:, None])[..., None]

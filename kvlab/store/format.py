@@ -1,0 +1,230 @@
+"""The ``.kv`` file: one compressed KV cache as a safetensors file that describes and verifies itself.
+
+Layout: the standard safetensors framing (8-byte little-endian header length, JSON header, tensor bytes), whose
+``__metadata__`` holds exactly one key, ``kvlab``: the CacheMeta JSON (see ``meta.py``). Tensor names are listed in
+``tensors.py``. Writing is atomic (``atomic.py``). Reading refuses, with one line naming the file and the fix:
+a missing path or a directory, a file that is empty, truncated, padded or not safetensors, one without kvlab
+metadata, a newer format, a metadata or payload checksum mismatch, metadata that fails validation or disagrees with
+the tensors, and a file made for another model or tokenizer. No safetensors exception escapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from kvlab.cache.kvcache import KVCache
+from kvlab.cache.quant import QuantizedKVCache, dequantize_cache
+from kvlab.errors import (CacheChecksumError, CacheMismatchError, CorruptCacheError, MissingCacheFileError,
+                          ParameterError)
+from kvlab.models import LoadedModel
+from kvlab.models.fingerprint import tokenizer_fingerprint
+from kvlab.policies.base import Policy
+from kvlab.fileio import atomic_write_bytes
+from kvlab.store.meta import RECREATE, CacheMeta, dtype_name
+from kvlab.store.tensors import cache_to_tensors, payload_sha256, tensors_to_cache
+
+FILE_SUFFIX = ".kv"
+METADATA_KEY = "kvlab"
+HEADER_LENGTH_BYTES = 8
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
+
+
+@dataclass
+class LoadedCache:
+    """A verified cache: ``cache`` is dequantized when the file is quantized; ``last_logits`` (vocab,) fp32 or None;
+    ``file_bytes`` is the file's size on disk."""
+
+    cache: KVCache
+    meta: CacheMeta
+    last_logits: torch.Tensor | None
+    file_bytes: int
+
+
+def meta_for(loaded: LoadedModel, cache: KVCache | QuantizedKVCache, *, text: str, policy: Policy,
+             ratio: float | None, budget_tokens: int, query_aware: bool, context_tokens: int,
+             extra: dict | None = None) -> CacheMeta:
+    """CacheMeta for ``cache`` made by ``loaded`` from ``text`` (the prefilled text) with ``policy``."""
+    quantized = isinstance(cache, QuantizedKVCache)
+    dtype = cache.dtype if quantized else (cache.layers[0].keys.dtype if cache.layers else loaded.dtype)
+    return CacheMeta(
+        model=loaded.name, model_fingerprint=loaded.fingerprint,
+        tokenizer_fingerprint=tokenizer_fingerprint(loaded.tokenizer), policy=policy.name,
+        policy_params=policy.params(), ratio=ratio, budget_tokens=budget_tokens, query_aware=query_aware,
+        context_tokens=context_tokens, num_tokens=cache.num_tokens,
+        layout=tuple(layer.spec for layer in cache.layers), dtype=dtype_name(dtype),
+        quantization=cache.params if quantized else None,
+        text_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(), extra=dict(extra or {}),
+    )
+
+
+def save_cache(path: str | Path, cache: KVCache | QuantizedKVCache, meta: CacheMeta,
+               last_logits: torch.Tensor | None = None) -> int:
+    """Write ``cache`` atomically to ``path``; returns the bytes written. ``meta.payload_sha256`` is filled in here.
+
+    Raises ParameterError when ``meta`` does not describe ``cache`` (layers, token count, dtype, quantization).
+    """
+    _check_meta_describes(meta, cache)
+    tensors = cache_to_tensors(cache, last_logits)
+    meta = dataclasses.replace(meta, payload_sha256=payload_sha256(tensors))
+    data = safetensors.torch.save(tensors, metadata={METADATA_KEY: meta.to_json()})
+    return atomic_write_bytes(Path(path), data)
+
+
+def read_meta(path: str | Path) -> CacheMeta:
+    """The verified metadata alone, reading only the header (cheap: no tensor bytes are read or hashed)."""
+    path = Path(path)
+    size = _file_size(path)
+    with _open(path) as handle:
+        head = handle.read(HEADER_LENGTH_BYTES)
+        header_bytes = _header_length(head, size, path)
+        header = handle.read(header_bytes)
+    return _parse_header(header, size - HEADER_LENGTH_BYTES - header_bytes, path)
+
+
+def load_cache(path: str | Path, *, expected_model_fingerprint: str | None = None,
+               expected_tokenizer_fingerprint: str | None = None, expected_model_name: str | None = None,
+               device: str | torch.device = "cpu") -> LoadedCache:
+    """Read, verify and rebuild a cache. ``expected_*`` fingerprints (from ``LoadedModel.fingerprint`` and
+    ``tokenizer_fingerprint``) are compared with the file's; ``expected_model_name`` only improves the message."""
+    path = Path(path)
+    size = _file_size(path)
+    with _open(path) as handle:
+        data = handle.read()
+    header_bytes = _header_length(data[:HEADER_LENGTH_BYTES], size, path)
+    meta = _parse_header(data[HEADER_LENGTH_BYTES:HEADER_LENGTH_BYTES + header_bytes],
+                         size - HEADER_LENGTH_BYTES - header_bytes, path)
+    _check_fingerprints(meta, path, expected_model_fingerprint, expected_tokenizer_fingerprint, expected_model_name)
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as error:  # safetensors raises its own error types and others; none may escape raw
+        raise CorruptCacheError(f"{path} is truncated or corrupted ({_first_line(error)}); {RECREATE}") from None
+    if payload_sha256(tensors) != meta.payload_sha256:
+        raise CacheChecksumError(f"{path} failed its payload checksum: the tensor data was modified or damaged; "
+                                 f"{RECREATE}")
+    cache, last_logits = tensors_to_cache(meta, tensors, str(path))
+    if isinstance(cache, QuantizedKVCache):
+        cache = dequantize_cache(cache)
+    cache = _to_device(cache, torch.device(device))
+    logits = None if last_logits is None else last_logits.to(device)
+    return LoadedCache(cache=cache, meta=meta, last_logits=logits, file_bytes=size)
+
+
+# -- header --------------------------------------------------------------------------------------------------
+def _file_size(path: Path) -> int:
+    if path.is_dir():
+        raise MissingCacheFileError(f"{path} is a directory, not a kvlab cache file; pass the path of a "
+                                    f"{FILE_SUFFIX} file")
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        raise MissingCacheFileError(f"no cache file at {path}; check the path or create one with "
+                                    f"`kvlab compress`") from None
+    except OSError as error:
+        raise MissingCacheFileError(f"cannot read {path} ({error.strerror}); check the path and its "
+                                    f"permissions") from None
+
+
+def _open(path: Path):
+    try:
+        return open(path, "rb")
+    except OSError as error:
+        raise MissingCacheFileError(f"cannot read {path} ({error.strerror}); check the path and its "
+                                    f"permissions") from None
+
+
+def _header_length(head: bytes, size: int, path: Path) -> int:
+    if size == 0:
+        raise CorruptCacheError(f"{path} is empty (0 bytes), not a kvlab cache file; {RECREATE}")
+    if len(head) < HEADER_LENGTH_BYTES:
+        raise CorruptCacheError(f"{path} is truncated or corrupted (shorter than a safetensors header); {RECREATE}")
+    (length,) = struct.unpack("<Q", head)
+    if length < 2 or length > MAX_HEADER_BYTES or HEADER_LENGTH_BYTES + length > size:
+        raise CorruptCacheError(f"{path} is truncated or corrupted (header length {length} does not fit a "
+                                f"{size}-byte file); {RECREATE}")
+    return length
+
+
+def _parse_header(header: bytes, data_bytes: int, path: Path) -> CacheMeta:
+    """Check the safetensors framing (the tensors exactly cover the data section) and return the CacheMeta."""
+    corrupt = f"{path} is truncated or corrupted"
+    try:
+        parsed = json.loads(header.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise CorruptCacheError(f"{corrupt} (its header is not valid JSON); {RECREATE}") from None
+    if not isinstance(parsed, dict):
+        raise CorruptCacheError(f"{corrupt} (its header is not a JSON object); {RECREATE}")
+    end = 0
+    for name, info in parsed.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+            raise CorruptCacheError(f"{corrupt} (tensor {name!r} has no valid data offsets); {RECREATE}")
+        end = max(end, offsets[1])
+    if end != data_bytes:
+        raise CorruptCacheError(f"{corrupt} (the header describes {end} bytes of tensor data, the file holds "
+                                f"{data_bytes}); {RECREATE}")
+    metadata = parsed.get("__metadata__")
+    if not isinstance(metadata, dict) or set(metadata) != {METADATA_KEY} or not isinstance(
+            metadata[METADATA_KEY], str):
+        raise CorruptCacheError(f"{path} is not a kvlab cache file (no kvlab metadata in its header); create one "
+                                f"with `kvlab compress`")
+    return CacheMeta.from_json(metadata[METADATA_KEY], str(path))
+
+
+# -- checks --------------------------------------------------------------------------------------------------
+def _check_fingerprints(meta: CacheMeta, path: Path, model_fingerprint: str | None,
+                        tokenizer: str | None, model_name: str | None) -> None:
+    if model_fingerprint is not None and model_fingerprint != meta.model_fingerprint:
+        loaded = f"{model_name} (fingerprint {model_fingerprint})" if model_name else (
+            f"a different model (fingerprint {model_fingerprint})")
+        raise CacheMismatchError(f"{path} was made for model {meta.model} (fingerprint {meta.model_fingerprint}), "
+                                 f"but the loaded model is {loaded}; pass --model {meta.model} or recompress")
+    if tokenizer is not None and tokenizer != meta.tokenizer_fingerprint:
+        raise CacheMismatchError(f"{path} was made with tokenizer {meta.tokenizer_fingerprint}, but the loaded "
+                                 f"model's tokenizer is {tokenizer}; use the model it was made with "
+                                 f"({meta.model}) or recompress")
+
+
+def _check_meta_describes(meta: CacheMeta, cache: KVCache | QuantizedKVCache) -> None:
+    quantized = isinstance(cache, QuantizedKVCache)
+    dtype = cache.dtype if quantized else (cache.layers[0].keys.dtype if cache.layers else None)
+    problems = [
+        (tuple(layer.spec for layer in cache.layers) != meta.layout, "layout (layer specs)"),
+        (cache.num_tokens != meta.num_tokens, f"num_tokens ({cache.num_tokens} vs {meta.num_tokens})"),
+        (dtype is not None and dtype_name(dtype) != meta.dtype, f"dtype ({dtype} vs {meta.dtype})"),
+        ((cache.params if quantized else None) != meta.quantization, "quantization"),
+    ]
+    wrong = [name for bad, name in problems if bad]
+    if wrong:
+        raise ParameterError(f"the metadata does not describe this cache: {', '.join(wrong)} differ; build it "
+                             f"with kvlab.store.meta_for(...)")
+    if not quantized and any(layer.keys.dtype != meta.torch_dtype or layer.values.dtype != meta.torch_dtype
+                             for layer in cache.layers):
+        raise ParameterError(f"every layer's keys and values must be {meta.dtype} to be saved in one file")
+
+
+def _to_device(cache: KVCache, device: torch.device) -> KVCache:
+    if device.type == "cpu" and all(layer.keys.device.type == "cpu" for layer in cache.layers):
+        return cache
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.to(device), layer.values.to(device)
+        layer.positions = layer.positions.to(device)
+    return cache
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+__all__ = ["FILE_SUFFIX", "LoadedCache", "load_cache", "meta_for", "read_meta", "save_cache"]
