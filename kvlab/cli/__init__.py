@@ -12,6 +12,9 @@ SUBCOMMANDS = {
     "policies": "list the KV-cache policies, their parameters and papers",
     "models": "list the embedded models and whether their converted weights are cached",
     "haystack": "write a generated long document with a hidden passkey (for trying policies)",
+    "compress": "prefill a document once, compress its KV cache and persist it (.kv file, content-addressed store)",
+    "chat": "an interactive multi-turn session over a document's compressed cache",
+    "cache": "list, remove and garbage-collect persisted caches (ls, rm, gc)",
     "bench": "sweep policies x ratios over long-context tasks (one prefill per sample) and write a report",
     "report": "rebuild the tables and plots of a bench folder",
 }

@@ -9,7 +9,10 @@ from kvlab.cli.common import add_model_arguments, add_policy_arguments, policy_f
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--context-file", required=True, help="document to prefill (UTF-8 text; - for stdin)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--context-file", help="document to prefill (UTF-8 text; - for stdin)")
+    source.add_argument("--cache", help="a .kv file from `kvlab compress` (or a store key prefix): only the question "
+                                        "is prefilled")
     parser.add_argument("--question", required=True, help="question asked after the document")
     add_model_arguments(parser)
     add_policy_arguments(parser)
@@ -32,9 +35,11 @@ def run(args: argparse.Namespace) -> int:
     from kvlab.engine import Engine, SamplingConfig
     from kvlab.models import load_model
 
+    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    if args.cache:
+        return run_cached(args, sampling)
     context = read_text(args.context_file)
     policy = policy_from_args(args)
-    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     loaded = load_model(args.model, device=args.device, progress=not args.json)
     engine = Engine(loaded, chunk_tokens=args.chunk_tokens)
     answer = engine.ask(context, args.question, policy, ratio=ratio_from_args(args), budget_tokens=args.budget,
@@ -45,6 +50,44 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(answer.answer)
         print(stats_line(answer))
+    return 0
+
+
+def run_cached(args: argparse.Namespace, sampling) -> int:
+    """Answer from a persisted cache: load and verify it, prefill the question only, decode."""
+    from kvlab.engine import Answer, Engine
+    from kvlab.models import load_model
+    from kvlab.store.documents import conversation_for, open_document
+
+    if args.policy != "full" or args.ratio is not None or args.budget is not None or args.param:
+        from kvlab.errors import ParameterError
+
+        raise ParameterError("--cache answers with the policy the cache was compressed with; drop --policy, "
+                             "--ratio, --budget and -p (or compress again with `kvlab compress`)")
+    loaded = load_model(args.model, device=args.device, progress=not args.json)
+    engine = Engine(loaded, chunk_tokens=args.chunk_tokens)
+    document = open_document(engine, args.cache)
+    meta = document.meta
+    turn = conversation_for(engine, document).ask(args.question, max_new_tokens=args.max_new_tokens,
+                                                  sampling=sampling, answer_prefix=args.answer_prefix,
+                                                  force=args.force)
+    answer = Answer(
+        answer=turn.answer, token_ids=turn.token_ids, policy=meta.policy, policy_params=meta.policy_params,
+        query_aware=False, ratio=meta.ratio, budget_tokens=meta.budget_tokens, context_tokens=meta.context_tokens,
+        question_tokens=turn.question_tokens, kept_tokens=document.cache.kept_tokens(),
+        kv_bytes_full=int(meta.extra.get("kv_bytes_full", 0)),
+        kv_bytes_kept=int(meta.extra.get("kv_bytes_stored", document.cache.live_bytes)),
+        kv_bytes_allocated=document.cache.allocated_bytes, prefill_s=turn.question_s, compress_s=turn.compress_s,
+        decode_s=turn.decode_s, decode_tokens=len(turn.token_ids),
+        extra={"stopped_by": turn.stopped_by, "cache_file": str(args.cache), "file_bytes": document.file_bytes,
+               "quantization": meta.quantization.scheme if meta.quantization else None})
+    load_s = meta.extra["load_s"]
+    if args.json:
+        print(json.dumps({"model": loaded.name, "device": str(loaded.device), **answer.to_dict(),
+                          "load_s": load_s, "time_to_first_token_s": load_s + turn.question_s}))
+    else:
+        print(answer.answer)
+        print(stats_line(answer) + f" | load {load_s * 1000:.0f} ms (cache file)")
     return 0
 
 

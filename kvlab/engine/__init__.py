@@ -12,7 +12,7 @@ from kvlab.cache.observations import ObservationRequest
 from kvlab.engine.compress import budget_from_ratio, compress
 from kvlab.engine.generate import Generation, decode
 from kvlab.engine.prefill import DEFAULT_CHUNK_TOKENS, PrefillResult, prefill
-from kvlab.engine.prompt import PromptParts, split_prompt, stop_token_ids
+from kvlab.engine.prompt import PromptParts, question_ids, split_prompt, stop_token_ids
 from kvlab.engine.runner import ModelRunner
 from kvlab.engine.sampling import Sampler, SamplingConfig
 from kvlab.errors import BudgetError, ContextTooLongError, ParameterError
@@ -69,6 +69,11 @@ class Engine:
     # -- building blocks -------------------------------------------------------------------------------------
     def prompt(self, context: str, question: str, answer_prefix: str = "") -> PromptParts:
         return split_prompt(self.tokenizer, context, question, answer_prefix)
+
+    def question_ids(self, question: str, answer_prefix: str = "", *, follow_up: bool = False) -> torch.Tensor:
+        """Tokens that ask ``question`` on top of a cache holding the document (or, for a follow-up, a previous
+        answer); see ``engine.prompt.question_text``."""
+        return question_ids(self.tokenizer, question, answer_prefix, follow_up=follow_up)
 
     def check_length(self, total_tokens: int, *, force: bool = False) -> None:
         limit = self.loaded.max_context_tokens

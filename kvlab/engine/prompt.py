@@ -29,20 +29,59 @@ class PromptParts:
 
 def split_prompt(tokenizer, context: str, question: str, answer_prefix: str = "") -> PromptParts:
     if getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": f"{CONTEXT_MARK}\n\n{QUESTION_MARK}"}], tokenize=False,
-            add_generation_prompt=True)
-        before, _, rest = rendered.partition(CONTEXT_MARK)
-        between, _, after = rest.partition(QUESTION_MARK)
-        prefix_text, suffix_text = before + context, between + question + after + answer_prefix
-        add_special = False  # the template writes its own special tokens
+        before, _, _ = _template_parts(tokenizer)
+        prefix = tokenizer(before + context, add_special_tokens=False)["input_ids"]  # the template adds its own
     else:
-        prefix_text = context
-        suffix_text = f"\n\nQuestion: {question}\nAnswer:" + (f" {answer_prefix}" if answer_prefix else "")
-        add_special = True
-    prefix = tokenizer(prefix_text, add_special_tokens=add_special)["input_ids"]
-    suffix = tokenizer(suffix_text, add_special_tokens=False)["input_ids"]
-    return PromptParts(torch.tensor(prefix, dtype=torch.long), torch.tensor(suffix, dtype=torch.long))
+        prefix = tokenizer(context, add_special_tokens=True)["input_ids"]
+    suffix = question_ids(tokenizer, question, answer_prefix)
+    return PromptParts(torch.tensor(prefix, dtype=torch.long), suffix)
+
+
+ANSWER_MARK = "\u0000KVLAB_ANSWER\u0000"
+
+
+def question_text(tokenizer, question: str, answer_prefix: str = "", *, follow_up: bool = False) -> str:
+    """The text that asks ``question`` after what is already in the cache.
+
+    First question: the rest of the user turn that holds the document (``split_prompt``'s suffix). Follow-up: the
+    end of the model's previous turn, a new user turn with ``question``, and the header of the model's next turn.
+    """
+    if not follow_up:
+        return _suffix_text(tokenizer, question, answer_prefix)
+    if getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": CONTEXT_MARK}, {"role": "assistant", "content": ANSWER_MARK},
+             {"role": "user", "content": QUESTION_MARK}], tokenize=False, add_generation_prompt=True)
+        _, _, rest = rendered.partition(ANSWER_MARK)
+        between, _, after = rest.partition(QUESTION_MARK)
+        return between + question + after + answer_prefix
+    return _plain_question(question, answer_prefix)
+
+
+def _plain_question(question: str, answer_prefix: str) -> str:
+    return f"\n\nQuestion: {question}\nAnswer:" + (f" {answer_prefix}" if answer_prefix else "")
+
+
+def _suffix_text(tokenizer, question: str, answer_prefix: str) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        _, between, after = _template_parts(tokenizer)
+        return between + question + after + answer_prefix
+    return _plain_question(question, answer_prefix)
+
+
+def _template_parts(tokenizer) -> tuple[str, str, str]:
+    """The chat template around one user turn ``context + "\n\n" + question``: (before, between, after)."""
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"{CONTEXT_MARK}\n\n{QUESTION_MARK}"}], tokenize=False,
+        add_generation_prompt=True)
+    before, _, rest = rendered.partition(CONTEXT_MARK)
+    between, _, after = rest.partition(QUESTION_MARK)
+    return before, between, after
+
+
+def question_ids(tokenizer, question: str, answer_prefix: str = "", *, follow_up: bool = False) -> torch.Tensor:
+    text = question_text(tokenizer, question, answer_prefix, follow_up=follow_up)
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
 def stop_token_ids(tokenizer, model) -> set[int]:

@@ -138,6 +138,12 @@ class CacheStore:
 
     def remove(self, key_or_prefix: str) -> StoreEntry:
         """Delete the one entry whose key starts with ``key_or_prefix``; raises on no match or several."""
+        entry = self.find(key_or_prefix)
+        self._delete(entry.path)
+        return entry
+
+    def find(self, key_or_prefix: str) -> StoreEntry:
+        """The one entry whose key starts with ``key_or_prefix``; raises on no match or several."""
         prefix = key_or_prefix.strip().lower()
         if not prefix:
             raise ParameterError("give a cache key or a prefix of one (see the store listing)")
@@ -149,7 +155,6 @@ class CacheStore:
             shown = ", ".join(entry.key[:12] for entry in matches[:5])
             raise ParameterError(f"{len(matches)} cache entries start with {prefix!r} ({shown}"
                                  f"{', …' if len(matches) > 5 else ''}); give more characters of the key")
-        self._delete(matches[0].path)
         return matches[0]
 
     def gc(self, max_bytes: int) -> list[StoreEntry]:

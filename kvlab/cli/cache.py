@@ -1,0 +1,45 @@
+"""kvlab cache: list, remove and garbage-collect the persisted caches in the store ($KVLAB_CACHE_DIR/kv)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser("ls", help="list stored caches, most recently used first")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    remove = actions.add_parser("rm", help="remove one stored cache by key (or a unique key prefix)")
+    remove.add_argument("key")
+    collect = actions.add_parser("gc", help="remove least recently used caches until the store fits a size")
+    collect.add_argument("--max-size", required=True, help="e.g. 2GB, 500MiB, 0")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from kvlab.store.store import CacheStore, parse_size
+    from kvlab.units import format_mib
+
+    store = CacheStore()
+    if args.action == "ls":
+        entries = store.list()
+        for entry in entries:
+            if args.json:
+                print(json.dumps(entry.summary()))
+                continue
+            meta = entry.meta
+            what = (f"{meta.model} {meta.policy} ratio={meta.ratio} {meta.context_tokens} tok"
+                    f"{' ' + meta.quantization.scheme if meta.quantization else ''}") if meta else entry.problem
+            print(f"{entry.key[:12]}  {format_mib(entry.size_bytes):>10}  {what}")
+        if not args.json:
+            print(f"{len(entries)} caches, {format_mib(store.total_bytes())} in {store.root}")
+        return 0
+    if args.action == "rm":
+        entry = store.remove(args.key)
+        print(f"removed {entry.key[:12]} ({format_mib(entry.size_bytes)})")
+        return 0
+    removed = store.gc(parse_size(args.max_size))
+    print(f"removed {len(removed)} caches ({format_mib(sum(e.size_bytes for e in removed))}); "
+          f"{format_mib(store.total_bytes())} left in {store.root}")
+    return 0

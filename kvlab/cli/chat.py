@@ -1,0 +1,83 @@
+"""kvlab chat: an interactive multi-turn session over one document's compressed cache."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "commands: /save FILE  keep the session in a .kv file | /stats  cache size | /quit (or Ctrl-D)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--cache", help="a .kv file from `kvlab compress` (or a saved chat), or a store key prefix")
+    source.add_argument("--context-file", help="a document to prefill and compress first")
+    from kvlab.cli.common import add_model_arguments, add_policy_arguments
+
+    add_model_arguments(parser)
+    add_policy_arguments(parser)
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer at most (default: 256)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="run past the model's window")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvlab.cli.common import policy_from_args, ratio_from_args, read_text
+    from kvlab.engine import Engine, SamplingConfig
+    from kvlab.errors import KvlabError
+    from kvlab.models import load_model
+    from kvlab.store.documents import compress_document, conversation_for, open_document, save_conversation
+    from kvlab.units import format_mib
+
+    engine = Engine(load_model(args.model, device=args.device, progress=True))
+    if args.context_file:
+        document = compress_document(engine, read_text(args.context_file), policy_from_args(args),
+                                     ratio=ratio_from_args(args), budget_tokens=args.budget, force=args.force,
+                                     progress=True)
+        source = str(document.path)
+    else:
+        source = args.cache
+    loaded = open_document(engine, source)
+    conversation = conversation_for(engine, loaded)
+    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    print(f"{loaded.meta.context_tokens}-token document, {loaded.meta.policy} cache of "
+          f"{format_mib(conversation.cache.live_bytes)}; {HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/stats":
+            print(f"{conversation.answered} turns | {conversation.cache.num_tokens} tokens seen | kept "
+                  f"{conversation.cache.kept_tokens():.0f} tok/head | KV {format_mib(conversation.cache.live_bytes)}")
+            continue
+        if line.startswith("/save"):
+            target = line.removeprefix("/save").strip()
+            if not target:
+                print("usage: /save FILE", file=sys.stderr)
+                continue
+            try:
+                written = save_conversation(target, engine, conversation, loaded)
+                print(f"saved {conversation.answered} turns to {target} ({format_mib(written)})")
+            except KvlabError as error:
+                print(f"kvlab: error: {error}", file=sys.stderr)
+            continue
+        if line.startswith("/"):
+            print(HELP, file=sys.stderr)
+            continue
+        try:
+            turn = conversation.ask(line, max_new_tokens=args.max_new_tokens, sampling=sampling, force=args.force)
+        except KvlabError as error:
+            print(f"kvlab: error: {error}", file=sys.stderr)
+            continue
+        print(f"model> {turn.answer}")
+        note = " | re-compressed" if turn.recompressed else ""
+        print(f"[{len(turn.token_ids)} tok in {turn.decode_s:.1f} s | kept {turn.kept_tokens:.0f} tok/head{note}]",
+              file=sys.stderr)

@@ -1,0 +1,55 @@
+"""kvlab compress: prefill a document once, compress (and optionally quantize) its KV cache, persist it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from kvlab.cli.common import add_model_arguments, add_policy_arguments, policy_from_args, ratio_from_args, read_text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--context-file", required=True, help="document to prefill (UTF-8 text; - for stdin)")
+    add_model_arguments(parser)
+    add_policy_arguments(parser)
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                        help="store keys/values quantized (KIVI: keys per channel, values per token)")
+    parser.add_argument("--group-size", type=int, default=32, help="quantization group size in tokens/channels")
+    parser.add_argument("--residual-tokens", type=int, default=32,
+                        help="most recent tokens kept in full precision when quantizing (default: 32)")
+    parser.add_argument("--out", default=None, help="also copy the cache file here (a .kv file or a folder)")
+    parser.add_argument("--chunk-tokens", type=int, default=1024, help="prefill chunk size in tokens")
+    parser.add_argument("--force", action="store_true", help="run even if the document exceeds the model's window")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvlab.cache.quant import QuantizationParams
+    from kvlab.engine import Engine
+    from kvlab.models import load_model
+    from kvlab.store.documents import compress_document, copy_out
+    from kvlab.units import format_mib
+
+    text = read_text(args.context_file)
+    policy = policy_from_args(args)
+    quantization = (QuantizationParams(args.quantize, args.group_size, args.residual_tokens)
+                    if args.quantize else None)
+    engine = Engine(load_model(args.model, device=args.device, progress=not args.json),
+                    chunk_tokens=args.chunk_tokens)
+    document = compress_document(engine, text, policy, ratio=ratio_from_args(args), budget_tokens=args.budget,
+                                 quantization=quantization, force=args.force, progress=not args.json)
+    path = copy_out(document.path, args.out) if args.out else document.path
+    if args.json:
+        print(json.dumps({"path": str(path), "key": document.key, "from_store": document.from_store,
+                          "context_tokens": document.context_tokens, "kept_tokens": document.kept_tokens,
+                          "kv_bytes_full": document.kv_bytes_full, "kv_bytes_kept": document.kv_bytes_kept,
+                          "file_bytes": document.file_bytes, "prefill_s": document.prefill_s,
+                          "compress_s": document.compress_s}))
+        return 0
+    origin = "found in the store (not recomputed)" if document.from_store else (
+        f"prefill {document.prefill_s:.2f} s, compress {document.compress_s * 1000:.0f} ms")
+    print(f"{path}\n[{policy.name}{' ' + args.quantize if args.quantize else ''}] context {document.context_tokens} "
+          f"tok | kept {document.kept_tokens:.0f} tok/head | KV {format_mib(document.kv_bytes_full)} -> "
+          f"{format_mib(document.kv_bytes_kept)} | file {format_mib(document.file_bytes)} | {origin} | "
+          f"key {document.key[:12]}")
+    return 0

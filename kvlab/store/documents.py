@@ -1,0 +1,140 @@
+"""Prefill once, ask many times: compress a document into a verified ``.kv`` file, reopen it, ask, save chats.
+
+Documents are compressed query-agnostically (the question is not known yet) and go through the content-addressed
+store, so compressing the same text with the same model, policy, parameters and quantization again finds the file
+instead of recomputing it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvlab.cache.quant import QuantizationParams, quantize_cache
+from kvlab.engine import Engine, resolve_budget
+from kvlab.engine.conversation import Conversation
+from kvlab.errors import KvlabError, ParameterError
+from kvlab.fileio import atomic_write
+from kvlab.models.fingerprint import tokenizer_fingerprint
+from kvlab.policies.base import Policy
+from kvlab.store.format import FILE_SUFFIX, LoadedCache, load_cache, meta_for, save_cache
+from kvlab.store.store import CacheStore, key_for
+
+
+@dataclass
+class CompressedDocument:
+    """Where a compressed document lives and what it cost. Bytes are KV bytes unless named ``file_bytes``."""
+
+    path: Path
+    key: str
+    from_store: bool
+    context_tokens: int
+    kept_tokens: float
+    kv_bytes_full: int
+    kv_bytes_kept: int
+    file_bytes: int
+    prefill_s: float
+    compress_s: float
+
+
+def document_key(engine: Engine, text: str, policy: Policy, ratio: float | None, budget_tokens: int,
+                 quantization: QuantizationParams | None) -> str:
+    """The store key: model, text, policy and parameters, ratio, resolved budget (tokens) and quantization."""
+    return key_for(model_fingerprint=engine.loaded.fingerprint, text_sha256=hashlib.sha256(text.encode()).hexdigest(),
+                   policy=policy.name, policy_params=policy.params(), ratio=ratio, budget_tokens=budget_tokens,
+                   query_aware=False, quantization=quantization)
+
+
+def compress_document(engine: Engine, text: str, policy: Policy, *, ratio: float | None = None,
+                      budget_tokens: int | None = None, quantization: QuantizationParams | None = None,
+                      store: CacheStore | None = None, force: bool = False, progress: bool = False,
+                      seed: int = 0) -> CompressedDocument:
+    """Prefill ``text``, compress it with ``policy`` (and quantize), and keep it in ``store``; reuse a stored copy."""
+    store = store or CacheStore()
+    prefix_ids = engine.prompt(text, "").prefix_ids
+    context_tokens = int(prefix_ids.numel())
+    engine.check_length(context_tokens + 1, force=force)
+    budget = resolve_budget(ratio, budget_tokens, context_tokens)  # bad arguments fail before the slow prefill
+    key = document_key(engine, text, policy, ratio, budget, quantization)
+    found = store.get(key)
+    if found is not None:
+        loaded = load_cache(found, expected_model_fingerprint=engine.loaded.fingerprint)
+        return _describe(found, key, True, loaded, 0.0, 0.0)
+    result = engine.prefill(prefix_ids, policy.observation_request(), progress=progress)
+    cache, budget, compress_s = engine.compress(result, policy, budget_tokens=budget, seed=seed)
+    stored = cache if quantization is None else quantize_cache(cache, quantization.scheme, quantization.group_size,
+                                                                quantization.residual_tokens)
+    meta = meta_for(engine.loaded, stored, text=text, policy=policy, ratio=ratio, budget_tokens=budget,
+                    query_aware=False, context_tokens=context_tokens,
+                    extra={"kv_bytes_full": result.cache.live_bytes, "kv_bytes_kept": cache.live_bytes,
+                           "kv_bytes_stored": stored.nbytes if quantization else cache.live_bytes,
+                           "prefill_s": result.seconds, "compress_s": compress_s, "turns": 0,
+                           "pending_token_ids": []})
+    path = store.put(key, lambda temporary: save_cache(temporary, stored, meta, result.last_logits))
+    loaded = load_cache(path, expected_model_fingerprint=engine.loaded.fingerprint)
+    return _describe(path, key, False, loaded, result.seconds, compress_s)
+
+
+def _describe(path: Path, key: str, from_store: bool, loaded: LoadedCache, prefill_s: float,
+              compress_s: float) -> CompressedDocument:
+    extra = loaded.meta.extra
+    return CompressedDocument(path=Path(path), key=key, from_store=from_store,
+                              context_tokens=loaded.meta.context_tokens, kept_tokens=loaded.cache.kept_tokens(),
+                              kv_bytes_full=int(extra.get("kv_bytes_full", 0)),
+                              kv_bytes_kept=int(extra.get("kv_bytes_stored", loaded.cache.live_bytes)),
+                              file_bytes=loaded.file_bytes, prefill_s=prefill_s, compress_s=compress_s)
+
+
+def copy_out(source: Path, destination: str | Path) -> Path:
+    """Copy a stored cache file to ``destination`` atomically (a folder gets the file's own name)."""
+    destination = Path(destination).expanduser()
+    if destination.is_dir():
+        destination = destination / Path(source).name
+    atomic_write(destination, lambda temporary: shutil.copyfile(source, temporary))
+    return destination
+
+
+def open_document(engine: Engine, path_or_key: str, store: CacheStore | None = None) -> LoadedCache:
+    """Load a ``.kv`` file (or a store key / unique key prefix), verified against the engine's model."""
+    path = Path(path_or_key).expanduser()
+    if not path.exists() and not path.suffix == FILE_SUFFIX:
+        path = (store or CacheStore()).find(path_or_key).path
+    started = time.perf_counter()
+    loaded = load_cache(path, expected_model_fingerprint=engine.loaded.fingerprint,
+                        expected_tokenizer_fingerprint=tokenizer_fingerprint(engine.tokenizer),
+                        expected_model_name=engine.loaded.name, device=engine.loaded.device)
+    loaded.meta.extra["load_s"] = time.perf_counter() - started
+    return loaded
+
+
+def conversation_for(engine: Engine, loaded: LoadedCache, policy: Policy | None = None) -> Conversation:
+    """A conversation continuing the saved one (or starting on the document), re-compressing with the file's policy."""
+    from kvlab.policies import make_policy
+
+    meta = loaded.meta
+    policy = policy or make_policy(meta.policy, **meta.policy_params)
+    return Conversation(engine, loaded.cache, policy=policy, budget_tokens=meta.budget_tokens,
+                        turns_before=int(meta.extra.get("turns", 0)),
+                        pending_ids=[int(token) for token in meta.extra.get("pending_token_ids", [])])
+
+
+def save_conversation(path: str | Path, engine: Engine, conversation: Conversation, loaded: LoadedCache) -> int:
+    """Persist the conversation's cache so `kvlab chat --cache` / `kvlab ask --cache` continue it."""
+    import dataclasses
+
+    if conversation.answered == 0:
+        raise ParameterError("nothing to save yet: ask a question first")
+    meta = loaded.meta
+    extra = {**meta.extra, "turns": conversation.answered, "pending_token_ids": conversation.pending_ids,
+             "kv_bytes_stored": conversation.cache.live_bytes}
+    extra.pop("load_s", None)
+    new_meta = dataclasses.replace(meta, num_tokens=conversation.cache.num_tokens, quantization=None,
+                                   dtype=str(conversation.cache.layers[0].keys.dtype).removeprefix("torch."),
+                                   extra=extra, payload_sha256="", meta_sha256="")
+    try:
+        return save_cache(path, conversation.cache, new_meta, None)
+    except OSError as error:
+        raise KvlabError(f"cannot write {path}: {error.strerror}") from None
