@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from kvlab.fileio import atomic_write_text
-from kvlab.bench.summary import ALL, cell_label, markdown_tables, overall, summarize
+from kvlab.bench.summary import markdown_tables, overall, per_turn, summarize
 
 NEEDLE_TASK_PREFIX = "niah"
 
@@ -23,19 +23,20 @@ def write_report(out_dir: Path, rows: list[dict], meta: dict) -> dict:
     """Write summary.json, report.md and report.html into ``out_dir``; return the paths and the table."""
     out_dir = Path(out_dir)
     summary = summarize(rows)
-    table = markdown_tables(summary)
-    atomic_write_text(out_dir / "summary.json", json.dumps({"meta": meta, "rows": summary}, indent=2) + "\n")
+    turns = per_turn(rows)
+    table = markdown_tables(summary, turns)
+    atomic_write_text(out_dir / "summary.json", json.dumps({"meta": meta, "rows": summary, "turns": turns}, indent=2) + "\n")
     atomic_write_text(out_dir / "report.md", f"# kvlab bench report\n\n{_meta_lines(meta)}\n\n{table}\n")
     figures = {"Score vs eviction ratio": score_vs_ratio(summary),
                "Needle retrieval by depth and length": needle_heatmaps(rows),
                "Fidelity vs KV bytes kept": fidelity_vs_bytes(summary)}
-    atomic_write_text(out_dir / "report.html", _html(meta, summary, {k: v for k, v in figures.items() if v}))
+    atomic_write_text(out_dir / "report.html", _html(meta, table, {k: v for k, v in figures.items() if v}))
     return {"summary": out_dir / "summary.json", "markdown": out_dir / "report.md",
             "html": out_dir / "report.html", "table": table}
 
 
 def _meta_lines(meta: dict) -> str:
-    keys = ("model", "query_aware", "tasks", "lengths", "samples", "policies", "ratios", "prefills", "rows",
+    keys = ("model", "mode", "query_aware", "quantizations", "tasks", "lengths", "samples", "policies", "ratios", "prefills", "rows",
             "wall_s")
     return "\n".join(f"- {key}: {meta[key]}" for key in keys if key in meta)
 
@@ -62,13 +63,16 @@ def score_vs_ratio(summary: list[dict]) -> str | None:
         return None
     plt = _figure()
     figure, axis = plt.subplots(figsize=(7, 4.2))
-    for policy in sorted({row["policy"] for row in totals}):
-        points = sorted((row["ratio"], row["score"], row["stderr"]) for row in totals if row["policy"] == policy)
+    for policy, quantization in sorted({(row["policy"], row["quantization"]) for row in totals}, key=str):
+        points = sorted((row["ratio"], row["score"], row["stderr"]) for row in totals
+                        if row["policy"] == policy and row["quantization"] == quantization)
+        label = f"{policy} {quantization}" if quantization else policy
         if policy == "full":
-            axis.axhline(points[0][1], color="black", linestyle="--", linewidth=1, label="full (no eviction)")
+            axis.axhline(points[0][1], color="black", linestyle="--" if not quantization else ":", linewidth=1,
+                         label=f"{label} (no eviction)")
             continue
         ratios, scores, errors = zip(*points)
-        axis.errorbar(ratios, scores, yerr=errors, marker="o", capsize=3, label=policy)
+        axis.errorbar(ratios, scores, yerr=errors, marker="o", capsize=3, label=label)
     axis.set_xlabel("eviction ratio (fraction of context tokens evicted)")
     axis.set_ylabel("task score (mean ± s.e.)")
     axis.set_ylim(-0.03, 1.03)
@@ -78,48 +82,49 @@ def score_vs_ratio(summary: list[dict]) -> str | None:
 
 
 def needle_heatmaps(rows: list[dict]) -> str | None:
-    """One panel per policy (at its highest ratio): mean needle score by depth (rows) and length (columns)."""
+    """One panel per cell (policy @ ratio): mean needle score by depth (rows) and context length (columns)."""
     needle_rows = [row for row in rows if row["task"].startswith(NEEDLE_TASK_PREFIX) and row["depth"] is not None]
     if not needle_rows:
         return None
-    highest = {}
-    for row in needle_rows:
-        highest[row["policy"]] = max(highest.get(row["policy"], 0.0), row["ratio"])
-    panels = sorted(highest.items(), key=lambda item: (item[0] != "full", item[0]))
+    panels = sorted({(row["policy"], row["ratio"], row.get("quantization")) for row in needle_rows},
+                    key=lambda cell: (cell[0] != "full", cell[0], cell[1], str(cell[2])))
     depths = sorted({round(row["depth"], 2) for row in needle_rows})
     lengths = sorted({row["length_tokens"] for row in needle_rows})
     plt = _figure()
-    figure, axes = plt.subplots(1, len(panels), figsize=(2.2 + 1.6 * len(panels) * max(1, len(lengths) / 2), 3.6),
-                                squeeze=False)
+    width = 0.5 + 0.45 * len(lengths)
+    figure, axes = plt.subplots(1, len(panels), figsize=(1.5 + width * len(panels), 3.4), squeeze=False,
+                                sharey=True)
     image = None
-    for axis, (policy, ratio) in zip(axes[0], panels):
+    for axis, (policy, ratio, quantization) in zip(axes[0], panels):
         cells = defaultdict(list)
         for row in needle_rows:
-            if row["policy"] == policy and row["ratio"] == ratio:
+            if (row["policy"], row["ratio"], row.get("quantization")) == (policy, ratio, quantization):
                 cells[(round(row["depth"], 2), row["length_tokens"])].append(row["score"])
         grid = [[sum(cells[(d, n)]) / len(cells[(d, n)]) if cells[(d, n)] else float("nan") for n in lengths]
                 for d in depths]
         image = axis.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        axis.set_title(policy if policy == "full" else f"{policy} @ {ratio:g}", fontsize=9)
-        axis.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+        title = policy if policy == "full" else f"{policy}\n@ {ratio:g}"
+        axis.set_title(f"{title} {quantization}" if quantization else title, fontsize=8)
+        axis.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7, rotation=90)
         axis.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
-        axis.set_xlabel("context tokens", fontsize=8)
     axes[0][0].set_ylabel("needle depth", fontsize=8)
+    figure.supxlabel("context tokens", fontsize=8, y=-0.06)
     figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="score")
     return _png(figure)
 
 
 def fidelity_vs_bytes(summary: list[dict]) -> str | None:
-    totals = [row for row in overall(summary) if row["policy"] != "full"]
+    totals = [row for row in overall(summary) if row["kl_vs_full"] is not None
+              and not (row["policy"] == "full" and not row["quantization"])]
     if not totals:
         return None
     plt = _figure()
     figure, axis = plt.subplots(figsize=(7, 4.2))
-    for policy in sorted({row["policy"] for row in totals}):
-        points = sorted((row["kv_bytes_kept"] / 2**20, row["kl_vs_full"], row["ratio"])
-                        for row in totals if row["policy"] == policy)
+    for policy, quantization in sorted({(row["policy"], row["quantization"]) for row in totals}, key=str):
+        points = sorted((row["kv_bytes_kept"] / 2**20, row["kl_vs_full"], row["ratio"]) for row in totals
+                        if row["policy"] == policy and row["quantization"] == quantization)
         mib, kl, ratios = zip(*points)
-        axis.plot(mib, kl, marker="o", label=policy)
+        axis.plot(mib, kl, marker="o", label=f"{policy} {quantization}" if quantization else policy)
         for x, y, ratio in points:
             axis.annotate(f"{ratio:g}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
     axis.set_xlabel("KV cache kept (MiB, mean per sample; labels: eviction ratio)")
@@ -130,25 +135,23 @@ def fidelity_vs_bytes(summary: list[dict]) -> str | None:
     return _png(figure)
 
 
-def _html(meta: dict, summary: list[dict], figures: dict[str, str]) -> str:
-    totals = sorted(overall(summary), key=lambda r: (-r["score"], r["policy"], r["ratio"]))
-    tasks = sorted({row["task"] for row in summary if row["task"] != ALL})
-    by_cell = {(row["policy"], row["ratio"], row["task"]): row for row in summary if row["length"] == 0}
-    head = "".join(f"<th>{html.escape(name)}</th>" for name in
-                   ["policy @ ratio", "score", "n", "KL vs full", "same answer", "KV MiB kept", *tasks])
-    body = []
-    for row in totals:
-        per_task = "".join(
-            f"<td>{by_cell[(row['policy'], row['ratio'], task)]['score']:.2f}</td>"
-            if (row["policy"], row["ratio"], task) in by_cell else "<td>-</td>" for task in tasks)
-        body.append(f"<tr><td>{html.escape(cell_label(row))}</td><td>{row['score']:.3f} ± {row['stderr']:.3f}</td>"
-                    f"<td>{row['n']}</td><td>{row['kl_vs_full']:.4f}</td><td>{row['matches_full']:.0%}</td>"
-                    f"<td>{row['kv_bytes_kept'] / 2**20:.2f}</td>{per_task}</tr>")
+def _html(meta: dict, table_markdown: str, figures: dict[str, str]) -> str:
+    tables = "".join(_html_table(block) for block in table_markdown.split("\n\n") if block.strip())
     meta_items = "".join(f"<li><b>{html.escape(str(k))}</b>: {html.escape(str(v))}</li>" for k, v in meta.items())
     images = "".join(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{png}'>"
                      for title, png in figures.items())
     return ("<!doctype html><html><head><meta charset='utf-8'><title>kvlab bench report</title><style>"
-            "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
-            "img{max-width:100%}</style></head><body><h1>kvlab bench report</h1>"
-            f"<ul>{meta_items}</ul><table><tr>{head}</tr>{''.join(body)}</table>{images}</body></html>\n")
+            "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;"
+            "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+            "td:first-child,th:first-child{text-align:left}img{max-width:100%}</style></head><body>"
+            f"<h1>kvlab bench report</h1><ul>{meta_items}</ul>{tables}{images}</body></html>\n")
+
+
+def _html_table(markdown: str) -> str:
+    """One markdown table (header, rule, rows) as an HTML table."""
+    lines = [line.strip().strip("|").split("|") for line in markdown.strip().splitlines()]
+    head, rows = lines[0], lines[2:]
+    cells = "".join(f"<th>{html.escape(cell.strip())}</th>" for cell in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell.strip())}</td>" for cell in row) + "</tr>"
+                   for row in rows)
+    return f"<table><tr>{cells}</tr>{body}</table>"

@@ -14,11 +14,13 @@ from pathlib import Path
 from kvlab.errors import KvlabError
 
 KEY_FIELDS = ("sample_id", "question_index", "policy", "policy_params", "ratio", "query_aware")
+OPTIONAL_KEY_FIELDS = {"quantization": None, "mode": "single"}
 
 
 def cell_key(row: dict) -> tuple:
     """What identifies a row: the same key is the same measurement, so a resumed run skips it."""
-    return tuple(json.dumps(row[name], sort_keys=True) for name in KEY_FIELDS)
+    return (tuple(json.dumps(row[name], sort_keys=True) for name in KEY_FIELDS)
+            + tuple(json.dumps(row.get(name, default)) for name, default in OPTIONAL_KEY_FIELDS.items()))
 
 
 class ResultsFile:

@@ -1,21 +1,29 @@
-"""The bench runner: one prefill per sample serves a whole policy x ratio grid.
+"""The bench runner: one prefill per sample serves a whole policy x ratio (x quantization) grid.
 
 For every sample the context is prefilled once, recording what any policy of the grid observes (the union of their
-observation requests). The full cache answers first: its greedy answer is the fidelity reference. Then for every
-(policy, ratio) cell a compressed copy is made (tensors are shared copy-on-write, see ``KVCache.fork``), the
-question is prefilled on top of it, the answer is decoded and scored, and the copy is teacher-forced along the
-reference answer to measure KL divergence. In query-aware mode the question is part of the prefix, so each
-question of a sample needs its own prefill.
+observation requests). The full cache answers first: its greedy answer is the fidelity reference. Then every cell
+compresses a copy (tensors are shared copy-on-write, see ``KVCache.fork``), answers, is scored, and is
+teacher-forced along the reference answer to measure KL divergence. Modes (SCBench's shared-context settings):
 
-Rows are appended to ``results.jsonl`` as each cell finishes (one fsynced line each), so an interrupted run
-leaves a consistent file and a rerun with the same output folder skips what is done.
+- ``single``: every question is asked on its own, on top of the compressed context (query-aware: the question is
+  part of the prefix, so each question needs its own prefill);
+- ``multi-request``: each cell's cache is written to a ``.kv`` file once and every question is answered from the
+  file, reloaded (the persisted path, exactly as ``kvlab ask --cache`` runs it);
+- ``multi-turn``: the questions are follow-ups of one conversation; each sees the previous answers (the cell's
+  own), and the cache is compressed again when the conversation outgrows the budget. KL is not measured there
+  (histories differ between cells); ``matches_full`` compares each turn's answer with the full cache's.
+
+Rows are appended to ``results.jsonl`` as each cell finishes, so an interrupted run leaves whole rows and a
+rerun with the same output folder skips what is done.
 """
 
 from __future__ import annotations
 
 import resource
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -24,39 +32,48 @@ from kvlab.bench.fidelity import mean_kl_divergence, teacher_forced_log_probs
 from kvlab.bench.results import ResultsFile, cell_key
 from kvlab.bench.scoring import score
 from kvlab.bench.tasks.base import Sample
+from kvlab.cache.kvcache import KVCache
 from kvlab.cache.observations import ObservationRequest
+from kvlab.cache.quant import SCHEME_BITS, dequantize_cache, quantize_cache
 from kvlab.engine import Engine, SamplingConfig, context_kept_tokens
-from kvlab.engine.prefill import PrefillResult
+from kvlab.engine.conversation import Conversation
 from kvlab.errors import ParameterError
 from kvlab.policies import make_policy
 from kvlab.policies.base import Policy
 
 GREEDY = SamplingConfig()
+MODES = ("single", "multi-request", "multi-turn")
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One grid cell: a policy with its parameters and an eviction ratio (0 for ``full``)."""
+    """One grid cell: a policy with its parameters, an eviction ratio (0 for ``full``), a storage quantization."""
 
     policy: Policy
     ratio: float
+    quantization: str | None = None
 
     @property
-    def label(self) -> str:
-        return self.policy.name if self.policy.name == "full" else f"{self.policy.name}@{self.ratio:g}"
+    def is_reference(self) -> bool:
+        return self.policy.name == "full" and self.quantization is None
 
 
-def grid(policy_names: list[str], ratios: list[float]) -> list[Cell]:
-    """The cells of a sweep: ``full`` once (ratio 0), every other policy at every ratio."""
+def grid(policy_names: list[str], ratios: list[float], quantizations: list[str | None] = (None,)) -> list[Cell]:
+    """The cells of a sweep: ``full`` once per quantization (ratio 0), every other policy at every ratio."""
     if not policy_names:
         raise ParameterError("give at least one policy (e.g. --policies full,snapkv)")
     for ratio in ratios:
         if not 0.0 <= ratio < 1.0:
             raise ParameterError(f"ratios must be in [0, 1): the fraction of context tokens evicted (got {ratio})")
+    for scheme in quantizations:
+        if scheme is not None and scheme not in SCHEME_BITS:
+            raise ParameterError(f"unknown quantization {scheme!r}; use none, {', '.join(SCHEME_BITS)}")
     cells = []
     for name in dict.fromkeys(policy_names):
         policy = make_policy(name)
-        cells.extend([Cell(policy, 0.0)] if name == "full" else [Cell(policy, ratio) for ratio in ratios])
+        for scheme in quantizations:
+            cells.extend([Cell(policy, 0.0, scheme)] if name == "full" else
+                         [Cell(policy, ratio, scheme) for ratio in ratios])
     return cells
 
 
@@ -72,47 +89,62 @@ class BenchProgress:
     rows: list[dict] = field(default_factory=list)
 
 
+@dataclass
+class _Context:
+    """One sample's shared state: the prefill, its prompt, and the full cache's reference answers."""
+
+    sample: Sample
+    context_tokens: int
+    result: object
+    suffix_ids: torch.Tensor | None
+    question_index: int = 0
+
+
 def run_grid(engine: Engine, samples: list[Sample], cells: list[Cell], results: ResultsFile, *,
-             query_aware: bool = False, seed: int = 0, force: bool = False, run_info: dict | None = None,
-             progress: bool = True) -> BenchProgress:
+             mode: str = "single", query_aware: bool = False, seed: int = 0, force: bool = False,
+             run_info: dict | None = None, progress: bool = True) -> BenchProgress:
     """Answer every question of every sample under every cell; append one row per answer to ``results``."""
+    if mode not in MODES:
+        raise ParameterError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    if query_aware and mode != "single":
+        raise ParameterError(f"--query-aware needs mode single: in {mode} mode the context is shared by questions "
+                             f"it cannot know in advance")
     started = time.perf_counter()
-    done = {cell_key(row) for row in results.rows}
     outcome = BenchProgress()
     request = ObservationRequest()
     for cell in cells:
         request = request.union(cell.policy.observation_request())
+    settings = {"mode": mode, "query_aware": query_aware, "seed": seed, **(run_info or {})}
     total = sum(len(sample.questions) for sample in samples) * len(cells)
-    bar = tqdm(total=total, unit="cell", desc="bench", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total, unit="answer", desc=f"bench {mode}", disable=not progress, dynamic_ncols=True)
+
+    def record(row: dict) -> None:
+        row.update(settings)
+        row["peak_rss_mib"] = peak_rss_mib()
+        results.append(row)
+        outcome.rows.append(row)
+        outcome.rows_written += 1
+        bar.update(1)
+        bar.set_postfix_str(f"{row['task']} {row['policy']}@{row['ratio']:g}: {row['score']:.2f}")
+
     try:
+        done = {cell_key(row) for row in results.rows}
         for sample in samples:
-            shared_prefill = None  # query-agnostic: every question of the sample reuses the context's prefill
-            for question_index, question in enumerate(sample.questions):
-                wanted = [cell for cell in cells
-                          if key_of(sample, question_index, cell, query_aware) not in done]
-                outcome.cells_skipped += len(cells) - len(wanted)
-                bar.update(len(cells) - len(wanted))
-                if not wanted:
-                    continue
-                parts = engine.prompt(sample.context, question, sample.answer_prefix)
-                engine.check_length(parts.total_tokens + sample.max_new_tokens, force=force)
-                if query_aware:
-                    result, suffix_ids = engine.prefill(torch.cat([parts.prefix_ids, parts.suffix_ids]), request), None
-                    outcome.prefills += 1
-                else:
-                    if shared_prefill is None:
-                        shared_prefill = engine.prefill(parts.prefix_ids, request)
-                        outcome.prefills += 1
-                    result, suffix_ids = shared_prefill, parts.suffix_ids
-                prompt = _Prompt(int(parts.prefix_ids.numel()), suffix_ids)
-                for row in _answer_cells(engine, sample, question_index, prompt, result, wanted, query_aware,
-                                         seed):
-                    row.update(run_info or {})
-                    results.append(row)
-                    outcome.rows.append(row)
-                    outcome.rows_written += 1
-                    bar.update(1)
-                    bar.set_postfix_str(f"{sample.task} {row['policy']}@{row['ratio']:g}: {row['score']:.2f}")
+            wanted = {(index, cell) for index in range(len(sample.questions)) for cell in cells
+                      if cell_key(_identity(sample, index, cell, settings)) not in done}
+            skipped = len(sample.questions) * len(cells) - len(wanted)
+            outcome.cells_skipped += skipped
+            bar.update(skipped)
+            if not wanted:
+                continue
+            if mode == "single":
+                rows = _single(engine, sample, cells, wanted, request, query_aware, seed, force, outcome)
+            elif mode == "multi-request":
+                rows = _multi_request(engine, sample, cells, wanted, request, seed, force, outcome)
+            else:
+                rows = _multi_turn(engine, sample, cells, wanted, request, seed, force, outcome)
+            for row in rows:
+                record(row)
     except KeyboardInterrupt:
         outcome.interrupted = True
     finally:
@@ -121,59 +153,149 @@ def run_grid(engine: Engine, samples: list[Sample], cells: list[Cell], results: 
     return outcome
 
 
-def key_of(sample: Sample, question_index: int, cell: Cell, query_aware: bool) -> tuple:
-    return cell_key({"sample_id": sample.id, "question_index": question_index, "policy": cell.policy.name,
-                     "policy_params": cell.policy.params(), "ratio": cell.ratio, "query_aware": query_aware})
+def _identity(sample: Sample, question_index: int, cell: Cell, settings: dict) -> dict:
+    return {"sample_id": sample.id, "question_index": question_index, "policy": cell.policy.name,
+            "policy_params": cell.policy.params(), "ratio": cell.ratio, "quantization": cell.quantization,
+            "mode": settings["mode"], "query_aware": settings["query_aware"]}
 
 
-@dataclass
-class _Prompt:
-    context_tokens: int
-    suffix_ids: torch.Tensor | None  # None in query-aware mode: the question is in the prefix
+def _prefill(engine: Engine, sample: Sample, question_index: int, request: ObservationRequest, query_aware: bool,
+             force: bool, outcome: BenchProgress, conversation: bool = False) -> _Context:
+    parts = engine.prompt(sample.context, sample.questions[question_index], sample.answer_prefix)
+    needed = parts.total_tokens + sample.max_new_tokens
+    if conversation:  # every question and answer stays in the cache
+        needed += sum(int(engine.question_ids(q, sample.answer_prefix, follow_up=True).numel())
+                      + sample.max_new_tokens for q in sample.questions[1:])
+    engine.check_length(needed, force=force)
+    outcome.prefills += 1
+    if query_aware:
+        result = engine.prefill(torch.cat([parts.prefix_ids, parts.suffix_ids]), request)
+        return _Context(sample, int(parts.prefix_ids.numel()), result, None, question_index)
+    return _Context(sample, int(parts.prefix_ids.numel()), engine.prefill(parts.prefix_ids, request),
+                    parts.suffix_ids, question_index)
 
 
-def _answer_cells(engine: Engine, sample: Sample, question_index: int, prompt: _Prompt, result: PrefillResult,
-                  cells: list[Cell], query_aware: bool, seed: int):
-    """Yield one row per cell; the full cache's answer (computed first) is the fidelity reference."""
+def _compressed(engine: Engine, context: _Context, cell: Cell, seed: int) -> tuple[KVCache, dict]:
+    """A compressed (and, for quantized cells, quantized then dequantized) copy with its cost columns."""
+    cache, budget, compress_s = engine.compress(context.result, cell.policy, ratio=cell.ratio,
+                                                compressible_tokens=context.context_tokens, seed=seed)
+    kv_bytes_kept = cache.live_bytes
+    if cell.quantization is not None:
+        started = time.perf_counter()
+        quantized = quantize_cache(cache, cell.quantization)
+        kv_bytes_kept = quantized.nbytes
+        cache = dequantize_cache(quantized)
+        compress_s += time.perf_counter() - started
+    return cache, {"budget_tokens": budget, "compress_s": compress_s, "kv_bytes_kept": kv_bytes_kept,
+                   "kept_tokens": context_kept_tokens(cache, context.context_tokens)}
+
+
+def _row(context: _Context, question_index: int, cell: Cell, prediction: str, costs: dict, **measured) -> dict:
+    sample = context.sample
     answers = sample.answers[question_index]
-    reference_ids, reference_log_probs = None, None
-    wanted_full = any(cell.policy.name == "full" for cell in cells)
-    # The full cache answers first, always: its answer is the reference for every other cell.
-    for cell in [Cell(make_policy("full"), 0.0)] + [cell for cell in cells if cell.policy.name != "full"]:
-        cache, budget, compress_s = engine.compress(result, cell.policy, ratio=cell.ratio,
-                                                    compressible_tokens=prompt.context_tokens, seed=seed)
-        kv_bytes_kept, kept = cache.live_bytes, context_kept_tokens(cache, prompt.context_tokens)
-        question_started = time.perf_counter()
-        first_logits = result.last_logits
-        if prompt.suffix_ids is not None:
-            first_logits = engine.feed(cache, prompt.suffix_ids)
-        question_s = time.perf_counter() - question_started
-        generation = engine.continue_and_decode(cache.fork(), None, first_logits,
-                                                max_new_tokens=sample.max_new_tokens, sampling=GREEDY)
-        produced = generation.token_ids + ([generation.stop_token] if generation.stop_token is not None else [])
-        if reference_ids is None:
-            reference_ids = produced
-            reference_log_probs = teacher_forced_log_probs(engine.model, cache, first_logits, reference_ids)
-            kl = 0.0
-            if not wanted_full:
-                continue  # computed only as the reference
-        else:
-            kl = mean_kl_divergence(reference_log_probs,
-                                    teacher_forced_log_probs(engine.model, cache, first_logits, reference_ids))
-        prediction = engine.tokenizer.decode(generation.token_ids, skip_special_tokens=True).strip()
-        yield {
-            "sample_id": sample.id, "task": sample.task, "length_tokens": sample.length_tokens,
-            "depth": sample.depth, "question_index": question_index,
-            "question": sample.questions[question_index], "answers": list(answers), "metric": sample.metric,
-            "prediction": prediction, "score": score(prediction, answers, sample.metric),
+    return {"sample_id": sample.id, "task": sample.task, "length_tokens": sample.length_tokens, "depth": sample.depth,
+            "question_index": question_index, "question": sample.questions[question_index], "answers": list(answers),
+            "metric": sample.metric, "prediction": prediction, "score": score(prediction, answers, sample.metric),
             "policy": cell.policy.name, "policy_params": cell.policy.params(), "ratio": cell.ratio,
-            "query_aware": query_aware, "seed": seed, "context_tokens": prompt.context_tokens,
-            "budget_tokens": budget, "kept_tokens": kept, "kv_bytes_full": result.cache.live_bytes,
-            "kv_bytes_kept": kv_bytes_kept, "kl_vs_full": kl, "matches_full": produced == reference_ids,
-            "prefill_s": result.seconds, "compress_s": compress_s, "question_s": question_s,
-            "decode_s": generation.seconds, "decode_tokens": len(generation.token_ids),
-            "peak_rss_mib": peak_rss_mib(),
-        }
+            "quantization": cell.quantization, "context_tokens": context.context_tokens,
+            "kv_bytes_full": context.result.cache.live_bytes, "prefill_s": context.result.seconds,
+            **costs, **measured}
+
+
+def _answer(engine: Engine, cache: KVCache, first_logits: torch.Tensor, max_new_tokens: int):
+    """Greedy answer on a fork of ``cache``; returns (generation, answer ids with the stop token if sampled)."""
+    generation = engine.continue_and_decode(cache.fork(), None, first_logits, max_new_tokens=max_new_tokens,
+                                            sampling=GREEDY)
+    stop = [generation.stop_token] if generation.stop_token is not None else []
+    return generation, generation.token_ids + stop
+
+
+def _ordered(cells: list[Cell]) -> list[Cell]:
+    """The reference (full, unquantized) first, always: every other cell is compared with its answer."""
+    reference = next((cell for cell in cells if cell.is_reference), Cell(make_policy("full"), 0.0))
+    return [reference] + [cell for cell in cells if not cell.is_reference]
+
+
+def _single(engine, sample, cells, wanted, request, query_aware, seed, force, outcome):
+    shared = None
+    for index in range(len(sample.questions)):
+        if not any((index, cell) in wanted for cell in cells):
+            continue
+        if query_aware or shared is None:
+            shared = _prefill(engine, sample, index, request, query_aware, force, outcome)
+        context = shared
+        suffix = None if query_aware else engine.prompt("", sample.questions[index], sample.answer_prefix).suffix_ids
+        reference_ids = reference_log_probs = None
+        for cell in _ordered(cells):
+            cache, costs = _compressed(engine, context, cell, seed)
+            question_started = time.perf_counter()
+            first_logits = context.result.last_logits if suffix is None else engine.feed(cache, suffix)
+            question_s = time.perf_counter() - question_started
+            generation, produced = _answer(engine, cache, first_logits, sample.max_new_tokens)
+            log_probs = teacher_forced_log_probs(engine.model, cache, first_logits, reference_ids or produced)
+            if reference_ids is None:
+                reference_ids, reference_log_probs = produced, log_probs
+            if (index, cell) not in wanted:
+                continue
+            prediction = engine.tokenizer.decode(generation.token_ids, skip_special_tokens=True).strip()
+            yield _row(context, index, cell, prediction, costs, question_s=question_s, decode_s=generation.seconds,
+                       decode_tokens=len(generation.token_ids), matches_full=produced == reference_ids,
+                       kl_vs_full=mean_kl_divergence(reference_log_probs, log_probs))
+
+
+def _multi_request(engine, sample, cells, wanted, request, seed, force, outcome):
+    from kvlab.store.format import load_cache, meta_for, save_cache
+
+    context = _prefill(engine, sample, 0, request, False, force, outcome)
+    references: dict[int, tuple] = {}
+    with tempfile.TemporaryDirectory(prefix="kvlab-bench-") as folder:
+        for cell in _ordered(cells):
+            cache, costs = _compressed(engine, context, cell, seed)
+            stored = cache if cell.quantization is None else quantize_cache(cache, cell.quantization)
+            path = Path(folder) / "cell.kv"
+            meta = meta_for(engine.loaded, stored, text=sample.context, policy=cell.policy, ratio=cell.ratio,
+                            budget_tokens=costs["budget_tokens"], query_aware=False,
+                            context_tokens=context.context_tokens)
+            file_bytes = save_cache(path, stored, meta, None)
+            for index, question in enumerate(sample.questions):
+                load_started = time.perf_counter()
+                loaded = load_cache(path, expected_model_fingerprint=engine.loaded.fingerprint,
+                                    device=engine.loaded.device).cache
+                load_s = time.perf_counter() - load_started
+                question_started = time.perf_counter()
+                suffix = engine.prompt("", question, sample.answer_prefix).suffix_ids
+                first_logits = engine.feed(loaded, suffix)
+                question_s = time.perf_counter() - question_started
+                generation, produced = _answer(engine, loaded, first_logits, sample.max_new_tokens)
+                reference_ids, reference_log_probs = references.get(index, (produced, None))
+                log_probs = teacher_forced_log_probs(engine.model, loaded, first_logits, reference_ids)
+                references.setdefault(index, (produced, log_probs))
+                if (index, cell) not in wanted:
+                    continue
+                prediction = engine.tokenizer.decode(generation.token_ids, skip_special_tokens=True).strip()
+                yield _row(context, index, cell, prediction, costs, load_s=load_s, file_bytes=file_bytes,
+                           question_s=question_s, decode_s=generation.seconds, decode_tokens=len(generation.token_ids),
+                           matches_full=produced == references[index][0],
+                           kl_vs_full=mean_kl_divergence(references[index][1], log_probs))
+
+
+def _multi_turn(engine, sample, cells, wanted, request, seed, force, outcome):
+    context = _prefill(engine, sample, 0, request, False, force, outcome, conversation=True)
+    reference_answers: list[list[int]] = []
+    for cell in _ordered(cells):
+        cache, costs = _compressed(engine, context, cell, seed)
+        conversation = Conversation(engine, cache, policy=cell.policy, budget_tokens=costs["budget_tokens"])
+        for index, question in enumerate(sample.questions):
+            turn = conversation.ask(question, max_new_tokens=sample.max_new_tokens, sampling=GREEDY,
+                                    answer_prefix=sample.answer_prefix, force=force)
+            if len(reference_answers) <= index:
+                reference_answers.append(turn.token_ids)
+            if (index, cell) not in wanted:
+                continue
+            yield _row(context, index, cell, turn.answer, {**costs, "kept_tokens": turn.kept_tokens},
+                       question_s=turn.question_s, decode_s=turn.decode_s, decode_tokens=len(turn.token_ids),
+                       recompressed=turn.recompressed, matches_full=turn.token_ids == reference_answers[index],
+                       kl_vs_full=None)
 
 
 def peak_rss_mib() -> float:
@@ -185,4 +307,4 @@ def run_info_for(engine: Engine) -> dict:
     return {"model": engine.loaded.name, "model_fingerprint": engine.loaded.fingerprint}
 
 
-__all__ = ["BenchProgress", "Cell", "grid", "run_grid", "run_info_for"]
+__all__ = ["MODES", "BenchProgress", "Cell", "grid", "run_grid", "run_info_for"]

@@ -29,6 +29,8 @@ class BenchRequest:
     ratios: tuple[float, ...]
     out_dir: str
     query_aware: bool = False
+    mode: str = "single"
+    quantizations: tuple[str | None, ...] = (None,)
     data_file: str | None = None
     haystack_dir: str | None = None
     seed: int = 0
@@ -50,8 +52,16 @@ class BenchRequest:
             lengths=lengths, samples=samples,
             policies=_parse_list(args.policies, str, "--policies") if args.policies else base.policies,
             ratios=_parse_list(args.ratios, float, "--ratios") if args.ratios else base.ratios,
-            out_dir=args.out, query_aware=args.query_aware, data_file=args.data, haystack_dir=args.haystack_dir,
+            out_dir=args.out,
+            query_aware=(base.query_aware and args.mode == "single") if args.query_aware is None else args.query_aware,
+            mode=args.mode, quantizations=_quantizations(args.quantize), data_file=args.data, haystack_dir=args.haystack_dir,
             seed=args.seed, device=args.device, chunk_tokens=args.chunk_tokens, force=args.force)
+
+
+def _quantizations(text: str | None) -> tuple[str | None, ...]:
+    if not text:
+        return (None,)
+    return tuple(None if item.lower() == "none" else item.lower() for item in _parse_list(text, str, "--quantize"))
 
 
 def _parse_list(text: str, kind, flag: str) -> tuple:
@@ -94,7 +104,7 @@ def run_bench(request: BenchRequest, *, progress: bool = True, loaded=None) -> B
     from kvlab.engine import Engine
     from kvlab.models import load_model
 
-    cells = grid(list(request.policies), list(request.ratios))  # validates before the model loads
+    cells = grid(list(request.policies), list(request.ratios), list(request.quantizations))  # fails before loading
     out_dir = Path(request.out_dir)
     loaded = loaded or load_model(request.model, device=request.device, progress=progress)
     engine = Engine(loaded, chunk_tokens=request.chunk_tokens)
@@ -103,10 +113,12 @@ def run_bench(request: BenchRequest, *, progress: bool = True, loaded=None) -> B
     samples = build_samples(request, loaded.tokenizer)
     results = ResultsFile(out_dir / "results.jsonl")
     started = time.time()
-    outcome = run_grid(engine, samples, cells, results, query_aware=request.query_aware, seed=request.seed,
+    outcome = run_grid(engine, samples, cells, results, mode=request.mode, query_aware=request.query_aware,
+                       seed=request.seed,
                        force=request.force, run_info=run_info, progress=progress)
     state = _update_run_file(out_dir, run_info, request, outcome, started)
-    meta = {**run_info, "query_aware": request.query_aware,
+    meta = {**run_info, "mode": request.mode, "query_aware": request.query_aware,
+            "quantizations": [q or "none" for q in request.quantizations],
             "tasks": [request.data_file] if request.data_file else list(request.tasks),
             "lengths": list(request.lengths), "samples": request.samples, "policies": list(request.policies),
             "ratios": list(request.ratios), "prefills": state["prefills"], "rows": len(results.rows),
@@ -120,8 +132,9 @@ def run_bench(request: BenchRequest, *, progress: bool = True, loaded=None) -> B
 
 
 def _rows_of(rows: list[dict], request: BenchRequest) -> list[dict]:
-    """The rows of this run's mode (a folder may hold query-aware and query-agnostic rows; report one)."""
-    return [row for row in rows if row["query_aware"] == request.query_aware]
+    """The rows of this run's setting (a folder may hold rows of several modes; report one)."""
+    return [row for row in rows if row["query_aware"] == request.query_aware
+            and row.get("mode", "single") == request.mode]
 
 
 def _check_folder(out_dir: Path, run_info: dict, request: BenchRequest) -> None:
@@ -144,6 +157,7 @@ def _update_run_file(out_dir: Path, run_info: dict, request: BenchRequest, outco
     state["prefills"] = state.get("prefills", 0) + outcome.prefills
     state["wall_s"] = state.get("wall_s", 0.0) + outcome.wall_s
     state["query_aware"] = request.query_aware
+    state["mode"] = request.mode
     state["last_request"] = asdict(request)
     state["last_run_started"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))
     atomic_write_text(run_file, json.dumps(state, indent=2) + "\n")
@@ -162,7 +176,9 @@ def report_folder(folder: str) -> dict:
     meta = json.loads(run_file.read_text(encoding="utf-8")) if run_file.exists() else {}
     meta.pop("last_request", None)
     query_aware = meta.get("query_aware", rows[-1]["query_aware"])
-    return write_report(out_dir, [row for row in rows if row["query_aware"] == query_aware], meta)
+    mode = meta.get("mode", rows[-1].get("mode", "single"))
+    return write_report(out_dir, [row for row in rows if row["query_aware"] == query_aware
+                                  and row.get("mode", "single") == mode], meta)
 
 
 def list_tasks_text() -> str:

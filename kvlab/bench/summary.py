@@ -20,27 +20,42 @@ def mean_and_stderr(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """One summary row per (policy, ratio, task, length), plus ``task="all"`` and ``length=0`` aggregates."""
+    """One summary row per (policy, ratio, quantization, task, length), plus ``task="all"`` and ``length=0``
+    aggregates. Means skip missing values (KL is not measured in multi-turn mode); None when none is present."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
+        cell = (row["policy"], row["ratio"], row.get("quantization"))
         for task in (row["task"], ALL):
             for length in (row["length_tokens"], 0):
-                groups[(row["policy"], row["ratio"], task, length)].append(row)
+                groups[(*cell, task, length)].append(row)
     summary = []
-    for (policy, ratio, task, length), members in sorted(groups.items(), key=_order):
+    for (policy, ratio, quantization, task, length), members in sorted(groups.items(), key=_order):
         score, stderr = mean_and_stderr([row["score"] for row in members])
-        entry = {"policy": policy, "ratio": ratio, "task": task, "length": length, "score": score,
-                 "stderr": stderr, "n": len(members),
+        entry = {"policy": policy, "ratio": ratio, "quantization": quantization, "task": task, "length": length,
+                 "score": score, "stderr": stderr, "n": len(members),
                  "matches_full": sum(bool(row["matches_full"]) for row in members) / len(members)}
         for name in MEANS:
-            entry[name] = sum(row[name] for row in members) / len(members)
+            present = [row[name] for row in members if row.get(name) is not None]
+            entry[name] = sum(present) / len(present) if present else None
         summary.append(entry)
     return summary
 
 
+def per_turn(rows: list[dict]) -> list[dict]:
+    """Score per (cell, question index) for samples with several questions (multi-turn / multi-request)."""
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for row in rows:
+        groups[(row["policy"], row["ratio"], row.get("quantization"), row["question_index"])].append(row["score"])
+    return [{"policy": policy, "ratio": ratio, "quantization": quantization, "turn": turn + 1,
+             "score": mean_and_stderr(scores)[0], "stderr": mean_and_stderr(scores)[1], "n": len(scores)}
+            for (policy, ratio, quantization, turn), scores in sorted(
+                groups.items(), key=lambda item: (item[0][0] != "full", item[0][0], item[0][1], str(item[0][2]),
+                                                  item[0][3]))]
+
+
 def _order(item):
-    (policy, ratio, task, length), _ = item
-    return (policy != "full", policy, ratio, task != ALL, task, length)
+    (policy, ratio, quantization, task, length), _ = item
+    return (policy != "full", policy, ratio, str(quantization), task != ALL, task, length)
 
 
 def overall(summary: list[dict]) -> list[dict]:
@@ -48,23 +63,46 @@ def overall(summary: list[dict]) -> list[dict]:
 
 
 def cell_label(row: dict) -> str:
-    return row["policy"] if row["policy"] == "full" else f"{row['policy']} @ {row['ratio']:g}"
+    label = row["policy"] if row["policy"] == "full" else f"{row['policy']} @ {row['ratio']:g}"
+    return f"{label} {row['quantization']}" if row.get("quantization") else label
 
 
-def markdown_tables(summary: list[dict]) -> str:
-    """Overall table (score ± stderr, fidelity, memory) and a per-task score table, both policy x ratio."""
+def _number(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_tables(summary: list[dict], turns: list[dict] | None = None) -> str:
+    """Overall table (score ± stderr, fidelity, memory) and a per-task score table, both policy x ratio; a
+    per-turn table when samples asked several questions."""
     totals = overall(summary)
     tasks = sorted({row["task"] for row in summary if row["task"] != ALL})
     lines = ["| policy @ ratio | score | n | KL vs full (nats/tok) | same answer as full | KV MiB kept | kept tok |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for row in sorted(totals, key=lambda r: (-r["score"], r["policy"], r["ratio"])):
+    for row in sorted(totals, key=lambda r: (-r["score"], r["policy"], r["ratio"], str(r["quantization"]))):
         lines.append(f"| {cell_label(row)} | {row['score']:.3f} ± {row['stderr']:.3f} | {row['n']} "
-                     f"| {row['kl_vs_full']:.4f} | {row['matches_full']:.0%} | {row['kv_bytes_kept'] / 2**20:.2f} "
+                     f"| {_number(row['kl_vs_full'], 4)} | {row['matches_full']:.0%} | {row['kv_bytes_kept'] / 2**20:.2f} "
                      f"| {row['kept_tokens']:.0f} |")
-    by_cell = {(row["policy"], row["ratio"], row["task"]): row for row in summary if row["length"] == 0}
+    by_cell = {(row["policy"], row["ratio"], row["quantization"], row["task"]): row
+               for row in summary if row["length"] == 0}
     per_task = ["", "| policy @ ratio | " + " | ".join(tasks) + " |", "| --- |" + " --- |" * len(tasks)]
-    for row in sorted(totals, key=lambda r: (r["policy"] != "full", r["policy"], r["ratio"])):
-        cells = [by_cell.get((row["policy"], row["ratio"], task)) for task in tasks]
+    for row in sorted(totals, key=lambda r: (r["policy"] != "full", r["policy"], r["ratio"], str(r["quantization"]))):
+        cells = [by_cell.get((row["policy"], row["ratio"], row["quantization"], task)) for task in tasks]
         per_task.append(f"| {cell_label(row)} | " + " | ".join(
             f"{cell['score']:.2f} ± {cell['stderr']:.2f}" if cell else "-" for cell in cells) + " |")
-    return "\n".join(lines + (per_task if len(tasks) > 1 else []))
+    return "\n".join(lines + (per_task if len(tasks) > 1 else []) + turn_table(turns or []))
+
+
+def turn_table(turns: list[dict]) -> list[str]:
+    if len({row["turn"] for row in turns}) < 2:
+        return []
+    count = max(row["turn"] for row in turns)
+    by_cell: dict[str, dict[int, dict]] = defaultdict(dict)
+    for row in turns:
+        by_cell[cell_label(row)][row["turn"]] = row
+    lines = ["", "| policy @ ratio | " + " | ".join(f"turn {n}" for n in range(1, count + 1)) + " |",
+             "| --- |" + " --- |" * count]
+    for label, by_turn in by_cell.items():
+        lines.append(f"| {label} | " + " | ".join(
+            f"{by_turn[n]['score']:.2f} ± {by_turn[n]['stderr']:.2f}" if n in by_turn else "-"
+            for n in range(1, count + 1)) + " |")
+    return lines

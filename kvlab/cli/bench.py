@@ -16,7 +16,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=None, help="samples per task and length")
     parser.add_argument("--policies", default=None, help="comma-separated policies (see `kvlab policies`)")
     parser.add_argument("--ratios", default=None, help="comma-separated eviction ratios in [0, 1)")
-    parser.add_argument("--query-aware", action="store_true", help="put the question in the prefix before compressing")
+    parser.add_argument("--query-aware", action=argparse.BooleanOptionalAction, default=None,
+                        help="put the question in the prefix before compressing (default: the preset's setting; "
+                             "query-agnostic without a preset)")
+    parser.add_argument("--mode", choices=["single", "multi-request", "multi-turn"], default="single",
+                        help="single: each question on its own; multi-request: every question from the same "
+                             "persisted .kv file; multi-turn: follow-ups in one conversation (default: single)")
+    parser.add_argument("--quantize", default=None,
+                        help="comma-separated storage quantizations to add to the grid: none,int8,int4 "
+                             "(KIVI; measured for fidelity and bytes)")
     parser.add_argument("--haystack-dir", default=None, help="folder of .txt files to use as haystack prose")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task generators (default: 0)")
     parser.add_argument("--chunk-tokens", type=int, default=1024, help="prefill chunk size in tokens")

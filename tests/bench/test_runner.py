@@ -11,6 +11,7 @@ from kvlab.bench.results import ResultsFile
 from kvlab.bench.runner import grid, run_grid
 from kvlab.bench.tasks.base import Sample
 from kvlab.engine import Engine
+from kvlab.engine.conversation import Conversation
 from kvlab.errors import ParameterError
 from kvlab.policies import make_policy
 
@@ -104,3 +105,44 @@ def test_report_files(engine, tmp_path):
     html = paths["html"].read_text()
     assert html.count("data:image/png;base64,") == 3
     assert "| policy @ ratio | score |" in paths["table"]
+
+
+def test_multi_request_answers_from_the_file_like_single_mode(engine, tmp_path):
+    sample = make_sample(5, questions=("What is the code?", "Repeat the code."))
+    cells = grid(["full", "snapkv"], [0.5])
+    single = run_grid(engine, [sample], cells, ResultsFile(tmp_path / "a.jsonl"), progress=False)
+    persisted = run_grid(engine, [sample], cells, ResultsFile(tmp_path / "b.jsonl"), mode="multi-request",
+                         progress=False)
+    assert persisted.prefills == 1 and persisted.rows_written == 4
+    by_key = {(r["question_index"], r["policy"]): r["prediction"] for r in single.rows}
+    for row in persisted.rows:
+        assert row["prediction"] == by_key[(row["question_index"], row["policy"])]
+        assert row["load_s"] > 0 and row["file_bytes"] > row["kv_bytes_kept"]
+
+
+def test_multi_turn_keeps_the_history(engine, tmp_path):
+    sample = make_sample(6, questions=("What is the code?", "Repeat the code.", "Say it again."))
+    outcome = run_grid(engine, [sample], grid(["full", "streaming_llm"], [0.5]),
+                       ResultsFile(tmp_path / "r.jsonl"), mode="multi-turn", progress=False)
+    assert outcome.prefills == 1 and outcome.rows_written == 6
+    full_turns = sorted((r for r in outcome.rows if r["policy"] == "full"), key=lambda r: r["question_index"])
+    assert all(r["kl_vs_full"] is None and r["matches_full"] for r in full_turns)
+    assert [r["question_index"] for r in full_turns] == [0, 1, 2]
+    result = engine.prefill(engine.prompt(sample.context, "").prefix_ids)
+    conversation = Conversation(engine, result.cache)
+    expected = [conversation.ask(q, max_new_tokens=sample.max_new_tokens).answer for q in sample.questions]
+    assert [r["prediction"] for r in full_turns] == expected
+    with pytest.raises(ParameterError, match="needs mode single"):
+        run_grid(engine, [sample], grid(["full"], [0.5]), ResultsFile(tmp_path / "x.jsonl"), mode="multi-turn",
+                 query_aware=True, progress=False)
+
+
+def test_quantized_cells_cost_fewer_bytes_and_some_fidelity(engine, tmp_path):
+    long_context = make_sample(7)
+    long_context = Sample(**{**long_context.__dict__, "context": long_context.context * 3})
+    outcome = run_grid(engine, [long_context], grid(["full"], [0.5], [None, "int8", "int4"]),
+                       ResultsFile(tmp_path / "q.jsonl"), progress=False)
+    by_scheme = {row["quantization"]: row for row in outcome.rows}
+    assert by_scheme["int4"]["kv_bytes_kept"] < by_scheme["int8"]["kv_bytes_kept"] < by_scheme[None]["kv_bytes_kept"]
+    assert by_scheme[None]["kl_vs_full"] == 0.0
+    assert by_scheme["int4"]["kl_vs_full"] > by_scheme["int8"]["kl_vs_full"] > 0.0

@@ -124,3 +124,16 @@ _register("niah_multivalue", "one key with 4 needles of different values; all 4 
           NeedleSpec("essay", values_per_key=4), max_new_tokens=64)
 _register("niah_multiquery", "4 keys asked at once, one needle each; all 4 values required",
           NeedleSpec("essay", keys=4, queries=4), max_new_tokens=64)
+
+
+@register_task("niah_multiturn", "SCBench-style shared context: 4 needles, one asked per turn (for --mode multi-turn "
+               "or multi-request)", metric="contains_all", max_new_tokens=24, uses_haystack_dir=True)
+def generate_niah_multiturn(request: Request) -> Draft:
+    """The multiquery haystack, with its 4 keys asked one by one as follow-up questions."""
+    spec = NeedleSpec("essay", keys=4, queries=4)
+    together = generate_niah(request, spec, "niah_multiturn")
+    keys = key_words(request.rng("needles"), spec.keys)  # the same draw generate_niah made first
+    questions = tuple(f"What is the special magic number for {key} mentioned in the provided text? "
+                      f"Answer with the number only." for key in keys)
+    return Draft(together.context, questions, tuple((value,) for value in together.answers[0]),
+                 answer_prefix="The special magic number mentioned in the provided text is")
