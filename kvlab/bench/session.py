@@ -53,7 +53,8 @@ class BenchRequest:
             policies=_parse_list(args.policies, str, "--policies") if args.policies else base.policies,
             ratios=_parse_list(args.ratios, float, "--ratios") if args.ratios else base.ratios,
             out_dir=args.out,
-            query_aware=(base.query_aware and args.mode == "single") if args.query_aware is None else args.query_aware,
+            query_aware=(bool(args.preset) and base.query_aware and args.mode == "single")
+            if args.query_aware is None else args.query_aware,
             mode=args.mode, quantizations=_quantizations(args.quantize), data_file=args.data, haystack_dir=args.haystack_dir,
             seed=args.seed, device=args.device, chunk_tokens=args.chunk_tokens, force=args.force)
 
