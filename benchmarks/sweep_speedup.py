@@ -52,7 +52,7 @@ def main() -> None:
         for cell in cells:
             answer = engine.ask(sample.context, sample.questions[0], cell.policy,
                                 ratio=None if cell.policy.name == "full" else cell.ratio,
-                                max_new_tokens=sample.max_new_tokens)
+                                max_new_tokens=sample.max_new_tokens, answer_prefix=sample.answer_prefix)
             separate_answers[(sample.id, cell.policy.name, cell.ratio)] = answer.answer
     separate_s = time.perf_counter() - started
 
