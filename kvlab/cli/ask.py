@@ -55,15 +55,16 @@ def run(args: argparse.Namespace) -> int:
 
 def run_cached(args: argparse.Namespace, sampling) -> int:
     """Answer from a persisted cache: load and verify it, prefill the question only, decode."""
-    from kvlab.engine import Answer, Engine
+    from kvlab.engine import Answer, Engine, context_kept_tokens
     from kvlab.models import load_model
     from kvlab.store.documents import conversation_for, open_document
 
-    if args.policy != "full" or args.ratio is not None or args.budget is not None or args.param:
+    refuse_policy_flags(args)
+    if args.query_aware:
         from kvlab.errors import ParameterError
 
-        raise ParameterError("--cache answers with the policy the cache was compressed with; drop --policy, "
-                             "--ratio, --budget and -p (or compress again with `kvlab compress`)")
+        raise ParameterError("--cache holds a document compressed before any question was seen; drop "
+                             "--query-aware (or use --context-file for a query-aware run)")
     loaded = load_model(args.model, device=args.device, progress=not args.json)
     engine = Engine(loaded, chunk_tokens=args.chunk_tokens)
     document = open_document(engine, args.cache)
@@ -74,7 +75,7 @@ def run_cached(args: argparse.Namespace, sampling) -> int:
     answer = Answer(
         answer=turn.answer, token_ids=turn.token_ids, policy=meta.policy, policy_params=meta.policy_params,
         query_aware=False, ratio=meta.ratio, budget_tokens=meta.budget_tokens, context_tokens=meta.context_tokens,
-        question_tokens=turn.question_tokens, kept_tokens=document.cache.kept_tokens(),
+        question_tokens=turn.question_tokens, kept_tokens=context_kept_tokens(document.cache, meta.context_tokens),
         kv_bytes_full=int(meta.extra.get("kv_bytes_full", 0)),
         kv_bytes_kept=int(meta.extra.get("kv_bytes_stored", document.cache.live_bytes)),
         kv_bytes_allocated=document.cache.allocated_bytes, prefill_s=turn.question_s, compress_s=turn.compress_s,
@@ -89,6 +90,15 @@ def run_cached(args: argparse.Namespace, sampling) -> int:
         print(answer.answer)
         print(stats_line(answer) + f" | load {load_s * 1000:.0f} ms (cache file)")
     return 0
+
+
+def refuse_policy_flags(args: argparse.Namespace) -> None:
+    """A persisted cache carries its policy and budget; flags that would pick others are mistakes, not no-ops."""
+    if args.policy != "full" or args.ratio is not None or args.budget is not None or args.param:
+        from kvlab.errors import ParameterError
+
+        raise ParameterError("--cache answers with the policy the cache was compressed with; drop --policy, "
+                             "--ratio, --budget and -p (or compress again with `kvlab compress`)")
 
 
 def stats_line(answer) -> str:

@@ -31,11 +31,20 @@ def run(args: argparse.Namespace) -> int:
     from kvlab.store.documents import compress_document, conversation_for, open_document, save_conversation
     from kvlab.units import format_mib
 
+    if args.cache:
+        from kvlab.cli.ask import refuse_policy_flags
+
+        refuse_policy_flags(args)
+    if args.max_new_tokens < 1:
+        raise KvlabError(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
     engine = Engine(load_model(args.model, device=args.device, progress=True))
     if args.context_file:
-        document = compress_document(engine, read_text(args.context_file), policy_from_args(args),
-                                     ratio=ratio_from_args(args), budget_tokens=args.budget, force=args.force,
-                                     progress=True)
+        from kvlab.cli.compress import store_document
+
+        text, policy = read_text(args.context_file), policy_from_args(args)
+        document = store_document(lambda: compress_document(engine, text, policy, ratio=ratio_from_args(args),
+                                                            budget_tokens=args.budget, force=args.force,
+                                                            progress=True))
         source = str(document.path)
     else:
         source = args.cache
@@ -45,9 +54,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{loaded.meta.context_tokens}-token document, {loaded.meta.policy} cache of "
           f"{format_mib(conversation.cache.live_bytes)}; {HELP}", file=sys.stderr)
     while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
+        line = _read_line()
+        if line is None:
             print(file=sys.stderr)
             return 0
         if not line:
@@ -58,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{conversation.answered} turns | {conversation.cache.num_tokens} tokens seen | kept "
                   f"{conversation.cache.kept_tokens():.0f} tok/head | KV {format_mib(conversation.cache.live_bytes)}")
             continue
-        if line.startswith("/save"):
+        if line == "/save" or line.startswith("/save "):
             target = line.removeprefix("/save").strip()
             if not target:
                 print("usage: /save FILE", file=sys.stderr)
@@ -81,3 +89,15 @@ def run(args: argparse.Namespace) -> int:
         note = " | re-compressed" if turn.recompressed else ""
         print(f"[{len(turn.token_ids)} tok in {turn.decode_s:.1f} s | kept {turn.kept_tokens:.0f} tok/head{note}]",
               file=sys.stderr)
+
+
+def _read_line() -> str | None:
+    """The next line of input, stripped; None at end of input. The ``you>`` prompt is shown only to a terminal, so
+    piped output holds the answers and command results alone."""
+    if sys.stdin.isatty():
+        try:
+            return input("you> ").strip()
+        except EOFError:
+            return None
+    line = sys.stdin.readline()
+    return line.strip() if line else None

@@ -36,8 +36,9 @@ def run(args: argparse.Namespace) -> int:
                     if args.quantize else None)
     engine = Engine(load_model(args.model, device=args.device, progress=not args.json),
                     chunk_tokens=args.chunk_tokens)
-    document = compress_document(engine, text, policy, ratio=ratio_from_args(args), budget_tokens=args.budget,
-                                 quantization=quantization, force=args.force, progress=not args.json)
+    document = store_document(lambda: compress_document(
+        engine, text, policy, ratio=ratio_from_args(args), budget_tokens=args.budget, quantization=quantization,
+        force=args.force, progress=not args.json))
     path = copy_out(document.path, args.out) if args.out else document.path
     if args.json:
         print(json.dumps({"path": str(path), "key": document.key, "from_store": document.from_store,
@@ -53,3 +54,16 @@ def run(args: argparse.Namespace) -> int:
           f"{format_mib(document.kv_bytes_kept)} | file {format_mib(document.file_bytes)} | {origin} | "
           f"key {document.key[:12]}")
     return 0
+
+
+def store_document(compress):
+    """Run ``compress()``; a store that cannot be written (full disk, no permission) ends in one line, not a
+    traceback. Shared with `kvlab chat --context-file`."""
+    from kvlab.errors import KvlabError
+    from kvlab.store.store import CacheStore
+
+    try:
+        return compress()
+    except OSError as error:
+        raise KvlabError(f"cannot write to the cache store {CacheStore().root}: {error.strerror or error}; free "
+                         f"space (`kvlab cache gc --max-size ...`) or point KVLAB_CACHE_DIR elsewhere") from None

@@ -73,6 +73,8 @@ class Conversation:
             answer_prefix: str = "", force: bool = False) -> Turn:
         if not question.strip():
             raise ParameterError("the question is empty")
+        if max_new_tokens < 1:
+            raise ParameterError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
         engine = self.engine
         asked = engine.question_ids(question, answer_prefix, follow_up=self.answered > 0)
         new_ids = torch.cat([torch.tensor(self.pending_ids, dtype=torch.long), asked])

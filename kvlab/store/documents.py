@@ -8,6 +8,7 @@ instead of recomputing it.
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -16,12 +17,14 @@ from pathlib import Path
 from kvlab.cache.quant import QuantizationParams, quantize_cache
 from kvlab.engine import Engine, resolve_budget
 from kvlab.engine.conversation import Conversation
-from kvlab.errors import KvlabError, ParameterError
+from kvlab.errors import CorruptCacheError, KvlabError, MissingCacheFileError, ParameterError
 from kvlab.fileio import atomic_write
 from kvlab.models.fingerprint import tokenizer_fingerprint
 from kvlab.policies.base import Policy
-from kvlab.store.format import FILE_SUFFIX, LoadedCache, load_cache, meta_for, save_cache
+from kvlab.store.format import LoadedCache, load_cache, meta_for, save_cache
 from kvlab.store.store import CacheStore, key_for
+
+_KEY_PREFIX = re.compile(r"[0-9a-fA-F]{1,64}")  # what `kvlab cache ls` shows; anything else is a file path
 
 
 @dataclass
@@ -61,8 +64,11 @@ def compress_document(engine: Engine, text: str, policy: Policy, *, ratio: float
     key = document_key(engine, text, policy, ratio, budget, quantization)
     found = store.get(key)
     if found is not None:
-        loaded = load_cache(found, expected_model_fingerprint=engine.loaded.fingerprint)
-        return _describe(found, key, True, loaded, 0.0, 0.0)
+        try:
+            loaded = load_cache(found, expected_model_fingerprint=engine.loaded.fingerprint)
+            return _describe(found, key, True, loaded, 0.0, 0.0)
+        except (CorruptCacheError, MissingCacheFileError):
+            pass  # damaged (or removed meanwhile): compute it again and replace it, as the error tells users to do
     result = engine.prefill(prefix_ids, policy.observation_request(), progress=progress)
     cache, budget, compress_s = engine.compress(result, policy, budget_tokens=budget, seed=seed)
     stored = cache if quantization is None else quantize_cache(cache, quantization.scheme, quantization.group_size,
@@ -93,14 +99,17 @@ def copy_out(source: Path, destination: str | Path) -> Path:
     destination = Path(destination).expanduser()
     if destination.is_dir():
         destination = destination / Path(source).name
-    atomic_write(destination, lambda temporary: shutil.copyfile(source, temporary))
+    try:
+        atomic_write(destination, lambda temporary: shutil.copyfile(source, temporary))
+    except OSError as error:
+        raise KvlabError(f"cannot write {destination}: {error.strerror}; pick another --out path") from None
     return destination
 
 
 def open_document(engine: Engine, path_or_key: str, store: CacheStore | None = None) -> LoadedCache:
     """Load a ``.kv`` file (or a store key / unique key prefix), verified against the engine's model."""
     path = Path(path_or_key).expanduser()
-    if not path.exists() and not path.suffix == FILE_SUFFIX:
+    if not path.exists() and _KEY_PREFIX.fullmatch(path_or_key.strip()):
         path = (store or CacheStore()).find(path_or_key).path
     started = time.perf_counter()
     loaded = load_cache(path, expected_model_fingerprint=engine.loaded.fingerprint,
@@ -115,6 +124,9 @@ def conversation_for(engine: Engine, loaded: LoadedCache, policy: Policy | None 
     from kvlab.policies import make_policy
 
     meta = loaded.meta
+    if meta.query_aware:
+        raise ParameterError("this cache was compressed query-aware: it already holds a question, so it cannot "
+                             "start a conversation; compress the document with `kvlab compress` instead")
     policy = policy or make_policy(meta.policy, **meta.policy_params)
     return Conversation(engine, loaded.cache, policy=policy, budget_tokens=meta.budget_tokens,
                         turns_before=int(meta.extra.get("turns", 0)),
@@ -133,7 +145,7 @@ def save_conversation(path: str | Path, engine: Engine, conversation: Conversati
     extra.pop("load_s", None)
     new_meta = dataclasses.replace(meta, num_tokens=conversation.cache.num_tokens, quantization=None,
                                    dtype=str(conversation.cache.layers[0].keys.dtype).removeprefix("torch."),
-                                   extra=extra, payload_sha256="", meta_sha256="")
+                                   extra=extra, payload_sha256="")
     try:
         return save_cache(path, conversation.cache, new_meta, None)
     except OSError as error:

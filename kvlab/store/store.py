@@ -100,7 +100,7 @@ class CacheStore:
         path = self.path_for(key)
         try:
             os.utime(path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no entry (or the store root is not a folder yet)
             return None
         return path
 
