@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "cache": "list, remove and garbage-collect persisted caches (ls, rm, gc)",
     "bench": "sweep policies x ratios over long-context tasks (one prefill per sample) and write a report",
     "report": "rebuild the tables and plots of a bench folder",
+    "serve": "an OpenAI-compatible HTTP server with compressed document caches and session reuse",
 }
 
 

@@ -1,0 +1,139 @@
+"""The ASGI app: ``create_app(settings, engine=None)`` loads the model once (unless given an Engine) and serves
+
+- ``GET /v1/models``, ``GET /v1/models/{id}``
+- ``POST /v1/chat/completions``, ``POST /v1/completions`` (``completions.py``)
+- ``POST /v1/documents``, ``GET /v1/documents``, ``GET|DELETE /v1/documents/{id}`` (``documents.py``)
+- ``GET /health`` and ``GET /metrics`` (Prometheus text)
+
+Two plain ASGI middlewares (no BaseHTTPMiddleware, which would hide client disconnects from streaming responses)
+refuse bodies over ``settings.max_body_bytes`` with 413 and count requests by route and status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import PlainTextResponse
+
+from kvlab.engine import Engine
+from kvlab.server import completions, documents
+from kvlab.server.errors import ApiError, error_body, install_error_handlers
+from kvlab.server.metrics import CONTENT_TYPE
+from kvlab.server.schemas import ModelCard, ModelList, request_field_names
+from kvlab.server.settings import Settings
+from kvlab.server.state import ServerState, build_state
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    settings = settings or Settings()
+    state = build_state(settings, engine)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.worker.start()
+        try:
+            yield
+        finally:
+            state.worker.stop()
+
+    app = FastAPI(title="kvlab", summary="OpenAI-compatible server with compressed document caches",
+                  lifespan=lifespan)
+    app.state.kvlab = state
+    install_error_handlers(app, request_field_names())
+    app.include_router(completions.router)
+    app.include_router(documents.router)
+    app.add_api_route("/v1/models", list_models, methods=["GET"], response_model=ModelList)
+    app.add_api_route("/v1/models/{model_id:path}", get_model, methods=["GET"], response_model=ModelCard)
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"], response_class=PlainTextResponse)
+    app.add_middleware(LimitBody, max_bytes=settings.max_body_bytes)
+    app.add_middleware(CountRequests, state=state)  # added last: outermost, so it counts 413s too
+    return app
+
+
+def _card(state: ServerState) -> ModelCard:
+    return ModelCard(id=state.model_id, created=int(state.started_at), max_context_tokens=state.max_context_tokens)
+
+
+def list_models(request: Request) -> ModelList:
+    return ModelList(data=[_card(request.app.state.kvlab)])
+
+
+def get_model(model_id: str, request: Request) -> ModelCard:
+    state: ServerState = request.app.state.kvlab
+    state.check_model(model_id)
+    return _card(state)
+
+
+def health(request: Request) -> dict:
+    state: ServerState = request.app.state.kvlab
+    return {"status": "ok", "model": state.model_id, "queue_waiting": state.worker.waiting,
+            "running": state.worker.busy, "uptime_s": round(time.time() - state.started_at, 3)}
+
+
+def metrics(request: Request) -> PlainTextResponse:
+    return PlainTextResponse(request.app.state.kvlab.metrics.render(), media_type=CONTENT_TYPE)
+
+
+class LimitBody:
+    """413 for a body over ``max_bytes``: at once from Content-Length, else when the streamed body passes it."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = (f"the request body is larger than the server's limit of {self.max_bytes} bytes; send a shorter "
+                   f"document or prompt")
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await _send_error(send, ApiError(413, message, code="request_too_large"))
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            event = await receive()
+            if event["type"] == "http.request":
+                received += len(event.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, message)
+            return event
+
+        return await self.app(scope, limited_receive, send)
+
+
+class CountRequests:
+    """``kvlab_requests_total{route, status}``; the route is the path template, so ids do not make new series."""
+
+    def __init__(self, app, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def recording_send(event):
+            nonlocal status
+            if event["type"] == "http.response.start":
+                status = event["status"]
+            await send(event)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "other"
+            self.state.metrics.inc("kvlab_requests_total", route=path, status=str(status))
+
+
+async def _send_error(send, error: ApiError) -> None:
+    import json
+
+    body = json.dumps(error_body(error.message, error.type, error.param, error.code)).encode()
+    await send({"type": "http.response.start", "status": error.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

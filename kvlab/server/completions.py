@@ -1,0 +1,178 @@
+"""``/v1/chat/completions`` and ``/v1/completions``, non-streaming and streaming (server-sent events ending in
+``data: [DONE]``, as OpenAI sends them).
+
+A request is queued on the worker (429 when the queue is full). A non-streaming request waits for the result; a
+streaming one waits until its prompt is prefilled, so errors found before the first token (unknown document, prompt
+too long) still get their HTTP status, then streams the deltas. Both watch the connection: a client that goes away
+cancels its generation at the next decode step. ``usage.prompt_tokens_details.cached_tokens`` counts the prompt
+tokens that were not prefilled (the document's cache, earlier turns); the ``kvlab`` object repeats it with timings,
+and the ``x-kvlab-prompt-tokens`` / ``x-kvlab-cached-tokens`` headers carry it before the first streamed token.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from kvlab.engine.sampling import SamplingConfig
+from kvlab.server.errors import ApiError, error_body
+from kvlab.server.generation import Options, Result, generate
+from kvlab.server.library import document_path
+from kvlab.server.prompts import Prompt, chat_token_ids, completion_token_ids, document_chat_token_ids
+from kvlab.server.schemas import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, Completion,
+                                  CompletionChoice, CompletionRequest, KvlabStats, PromptTokensDetails, Usage)
+from kvlab.server.state import ServerState
+from kvlab.server.worker import Listener, wait_result
+
+router = APIRouter()
+
+
+def sampling_for(body) -> SamplingConfig:
+    seed = body.seed if body.seed is not None else random.SystemRandom().randrange(2**63)
+    return SamplingConfig(temperature=body.temperature, top_p=body.top_p, top_k=body.kvlab.top_k, seed=seed)
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion)
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    state: ServerState = request.app.state.kvlab
+    state.check_model(body.model)
+    tokenizer, document_id = state.engine.tokenizer, body.kvlab.document_id
+    if document_id is not None and not state.sessions.has_document(document_id):
+        document_path(state, document_id, "kvlab.document_id")  # 404 now rather than after queueing
+
+    def prompt() -> Prompt:
+        if document_id is not None:
+            return Prompt(document_chat_token_ids(tokenizer, body.messages), document_id)
+        return Prompt(chat_token_ids(tokenizer, body.messages))
+
+    return await _respond(state, request, body, prompt, "chat.completion")
+
+
+@router.post("/v1/completions", response_model=Completion)
+async def completions(body: CompletionRequest, request: Request):
+    state: ServerState = request.app.state.kvlab
+    state.check_model(body.model)
+    if body.kvlab.document_id is not None:
+        raise ApiError(400, "kvlab.document_id works with /v1/chat/completions only", param="kvlab.document_id")
+    return await _respond(state, request, body, lambda: Prompt(completion_token_ids(state.engine.tokenizer,
+                                                                                      body.prompt)),
+                          "text_completion")
+
+
+async def _respond(state: ServerState, request: Request, body, prompt: Callable[[], Prompt], kind: str):
+    submitted = time.monotonic()
+    options = Options(body.max_new_tokens, sampling_for(body), body.stop_strings, body.kvlab.ignore_eos)
+    try:
+        job = state.worker.submit(lambda job: generate(state, job, prompt(), options, submitted),
+                                  state.settings.request_timeout_s)
+    except ApiError as error:
+        if error.status == 429:
+            state.metrics.inc("kvlab_rejected_requests_total")
+        raise
+    shape = Shape(kind, f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{secrets.token_hex(12)}",
+                  int(time.time()), state.model_id, f"fp_{state.fingerprint[:12]}")
+    if not body.stream:
+        result: Result = await wait_result(job, request.receive)
+        return JSONResponse(shape.final(result), headers=_headers(result.prompt_tokens, result.cached_tokens))
+    listener = Listener(job, request.receive)
+    try:
+        while True:
+            event, payload = await listener.next()
+            if event == "start":
+                break
+    except BaseException:
+        listener.close()
+        raise
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return StreamingResponse(_stream(listener, shape, include_usage), media_type="text/event-stream",
+                             headers={**_headers(payload["prompt_tokens"], payload["cached_tokens"]),
+                                      "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _stream(listener: Listener, shape: "Shape", include_usage: bool) -> AsyncIterator[str]:
+    try:
+        if shape.chat:  # OpenAI opens a chat stream with the role; a completion stream starts with text
+            yield _sse(shape.chunk(first=True, include_usage=include_usage))
+        while True:
+            try:
+                event, payload = await listener.next()
+            except ApiError as error:
+                yield _sse(error_body(error.message, error.type, error.param, error.code))
+                return
+            if event == "delta":
+                yield _sse(shape.chunk(text=payload, include_usage=include_usage))
+            elif event == "done":
+                yield _sse(shape.chunk(result=payload, include_usage=include_usage))
+                if include_usage:
+                    yield _sse({**shape.envelope(chunk=True), "choices": [], "usage": _usage(payload)})
+                yield "data: [DONE]\n\n"
+                return
+    finally:
+        listener.close()
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _headers(prompt_tokens: int, cached_tokens: int) -> dict[str, str]:
+    return {"x-kvlab-prompt-tokens": str(prompt_tokens), "x-kvlab-cached-tokens": str(cached_tokens)}
+
+
+def _usage(result: Result) -> dict:
+    return Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                 total_tokens=result.prompt_tokens + result.completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=result.cached_tokens)).model_dump()
+
+
+def _stats(result: Result) -> dict:
+    return KvlabStats(document_id=result.document_id, prefilled_tokens=result.prefilled_tokens,
+                      cached_tokens=result.cached_tokens, kv_bytes=result.kv_bytes,
+                      prefill_s=round(result.prefill_s, 6), decode_s=round(result.decode_s, 6),
+                      queue_s=round(result.queue_s, 6)).model_dump()
+
+
+class Shape:
+    """Builds the OpenAI objects of one response (``chat.completion`` or ``text_completion``) and its chunks."""
+
+    def __init__(self, kind: str, id: str, created: int, model: str, system_fingerprint: str) -> None:
+        self.kind, self.id, self.created, self.model, self.fingerprint = kind, id, created, model, system_fingerprint
+
+    @property
+    def chat(self) -> bool:
+        return self.kind == "chat.completion"
+
+    def envelope(self, chunk: bool = False) -> dict:
+        kind = "chat.completion.chunk" if chunk and self.chat else self.kind
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "system_fingerprint": self.fingerprint}
+
+    def final(self, result: Result) -> dict:
+        if self.chat:
+            choice = ChatChoice(message=AssistantMessage(content=result.text), finish_reason=result.finish_reason)
+            return ChatCompletion(**self.envelope(), choices=[choice], usage=_usage(result),
+                                  kvlab=_stats(result)).model_dump()
+        choice = CompletionChoice(text=result.text, finish_reason=result.finish_reason)
+        return Completion(**self.envelope(), choices=[choice], usage=_usage(result),
+                          kvlab=_stats(result)).model_dump()
+
+    def chunk(self, *, text: str = "", first: bool = False, result: Result | None = None,
+              include_usage: bool = False) -> dict:
+        finish = result.finish_reason if result is not None else None
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        data = {**self.envelope(chunk=True), "choices": [choice]}
+        if include_usage:
+            data["usage"] = None
+        if result is not None:
+            data["kvlab"] = _stats(result)
+        return data

@@ -1,0 +1,130 @@
+"""OpenAI's error JSON, ``{"error": {"message", "type", "param", "code"}}``, for every failure the server reports.
+
+kvlab's own errors are raised where they happen and translated here, once: a bad parameter is 400, an unknown model
+or document 404, a cache file made for another model or damaged 409, a prompt beyond the model's window 400 with
+code ``context_length_exceeded``, a body over the size limit 413, a full queue 429 with ``Retry-After``, a request
+past its timeout 504. Anything else is 500 with a generic message and a request id; the traceback goes to the
+server's log, never into the body.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import secrets
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kvlab.errors import (CacheFileError, CacheMismatchError, ContextTooLongError, KvlabError, UnknownModelError,
+                          UnknownNameError, UnknownPolicyError)
+
+log = logging.getLogger("kvlab.server")
+
+
+class ApiError(Exception):
+    """An error answered as-is: HTTP ``status`` and OpenAI's ``type``/``param``/``code``."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(error.message, error.type, error.param, error.code), status_code=error.status,
+                        headers=error.headers)
+
+
+def api_error_for(error: Exception) -> ApiError:
+    """The HTTP answer for a kvlab error (and for the worker's busy/timeout/cancel errors, which are ApiErrors)."""
+    if isinstance(error, ApiError):
+        return error
+    message = str(error)
+    if isinstance(error, ContextTooLongError):
+        return ApiError(400, message, param="messages", code="context_length_exceeded")
+    if isinstance(error, UnknownModelError):
+        return ApiError(404, message, param="model", code="model_not_found")
+    if isinstance(error, UnknownPolicyError):
+        return ApiError(400, message, param="policy", code="unknown_policy")
+    if isinstance(error, UnknownNameError):
+        return ApiError(404, message, code="not_found")
+    if isinstance(error, CacheMismatchError):
+        return ApiError(409, message, code="cache_mismatch")
+    if isinstance(error, CacheFileError):
+        return ApiError(409, message, code="cache_unusable")
+    if isinstance(error, KvlabError):
+        return ApiError(400, message, code="invalid_parameter")
+    return internal_error(error)
+
+
+def internal_error(error: BaseException) -> ApiError:
+    request_id = secrets.token_hex(6)
+    log.error("internal error (request %s)", request_id, exc_info=(type(error), error, error.__traceback__))
+    return ApiError(500, f"internal server error (request {request_id}); the server log has the details",
+                    type="server_error", code="internal_error")
+
+
+def validation_error(error: RequestValidationError, known_fields: set[str]) -> ApiError:
+    """Malformed JSON is 400; a body that parses but breaks the schema is 422, naming the first bad field."""
+    problems = error.errors()
+    first = problems[0] if problems else {"loc": (), "msg": "invalid request body", "type": ""}
+    if first.get("type") == "json_invalid":
+        detail = first.get("ctx", {}).get("error", "parse error")
+        return ApiError(400, f"the request body is not valid JSON ({detail}); send a JSON object",
+                        code="invalid_json")
+    if tuple(first.get("loc", ())) == ("body",) and first.get("type") == "model_attributes_type":
+        return ApiError(400, "the request body must be a JSON object (Content-Type: application/json)",
+                        code="invalid_json")
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if first.get("type") == "extra_forbidden" and location:
+        close = difflib.get_close_matches(location[-1], known_fields, n=1, cutoff=0.6)
+        message = f"unrecognized request argument {location[-1]!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+    elif first.get("type") == "missing":
+        message = f"missing required field {param!r}"
+    else:
+        message = f"{param}: {message}" if param else message
+    more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
+    return ApiError(422, message + more, param=param, code="invalid_request")
+
+
+def install_error_handlers(app: FastAPI, known_fields: set[str]) -> None:
+    async def on_api_error(request: Request, error: ApiError):
+        return error_response(error)
+
+    async def on_kvlab_error(request: Request, error: KvlabError):
+        return error_response(api_error_for(error))
+
+    async def on_validation_error(request: Request, error: RequestValidationError):
+        return error_response(validation_error(error, known_fields))
+
+    async def on_http_error(request: Request, error: StarletteHTTPException):
+        if error.status_code == 404:
+            return error_response(ApiError(404, f"no route {request.method} {request.url.path}; see GET /docs",
+                                           code="not_found"))
+        if error.status_code == 405:
+            return error_response(ApiError(405, f"{request.method} is not allowed on {request.url.path}",
+                                           code="method_not_allowed", headers=dict(error.headers or {})))
+        if error.status_code == 413:
+            return error_response(ApiError(413, str(error.detail), code="request_too_large"))
+        detail = error.detail if isinstance(error.detail, str) else json.dumps(error.detail)
+        return error_response(ApiError(error.status_code, detail, type="invalid_request_error"))
+
+    async def on_unexpected(request: Request, error: Exception):
+        return error_response(internal_error(error))
+
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(KvlabError, on_kvlab_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,264 @@
+"""Request and response bodies in OpenAI's shapes (pydantic), plus kvlab's extension and document bodies.
+
+Unknown top-level fields are refused (422, with a "did you mean"). OpenAI parameters kvlab does not implement are
+accepted only at their neutral value (``n=1``, penalties 0, no logprobs, no tools, text responses), so a client that
+sends the defaults works and one that relies on a feature hears that it is missing. ``user``, ``metadata``,
+``store`` and ``service_tier`` do not change the output and are ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+NEUTRAL = {  # parameter -> values that mean "not used"
+    "n": (1,), "best_of": (1,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
+    "logprobs": (False, 0), "top_logprobs": (0,), "logit_bias": ({},), "tools": ([],), "functions": ([],),
+    "tool_choice": ("none", "auto"), "function_call": ("none", "auto"), "echo": (False,), "suffix": ("",),
+    "response_format": ({"type": "text"},), "parallel_tool_calls": (True, False), "modalities": (["text"],),
+}
+IGNORED = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier")
+
+
+def _drop_neutral(data: Any) -> Any:
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for name in IGNORED:
+        data.pop(name, None)
+    for name, neutral in NEUTRAL.items():
+        if name in data:
+            value = data.pop(name)
+            if value is not None and value not in neutral:
+                raise ValueError(f"{name}={value!r} is not supported by kvlab; leave it out "
+                                 f"(or send {neutral[0]!r})")
+    return data
+
+
+class KvlabOptions(BaseModel):
+    """The ``kvlab`` extension object of a completion request (openai client: ``extra_body={"kvlab": {...}}``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    document_id: str | None = Field(None, description="answer on top of this document's compressed cache")
+    ignore_eos: bool = Field(False, description="keep generating past end-of-turn tokens (for benchmarks)")
+    top_k: int = Field(0, ge=0, description="sample among the k most likely tokens; 0 disables it")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    kvlab: KvlabOptions = Field(default_factory=KvlabOptions)
+
+    _neutral = model_validator(mode="before")(_drop_neutral)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value):
+        strings = [value] if isinstance(value, str) else list(value or [])
+        if len(strings) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings (got {len(strings)})")
+        if any(not string for string in strings):
+            raise ValueError("stop strings must not be empty")
+        return strings
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return list(self.stop or [])
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """A message; extra keys a client echoes back (``refusal``, ``tool_calls: null``, ...) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int]
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value):
+        if isinstance(value, list) and value and isinstance(value[0], str):
+            if len(value) != 1:
+                raise ValueError("send one prompt per request (batches of prompts are not supported)")
+            value = value[0]
+        if not value:
+            raise ValueError("the prompt is empty")
+        return value
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+class DocumentRequest(BaseModel):
+    """``POST /v1/documents``: the text, and optionally a policy and its amount (else the server's)."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1)
+    model: str | None = None
+    policy: str | None = None
+    policy_params: dict[str, float | int | str | bool] = Field(default_factory=dict)
+    ratio: float | None = Field(None, ge=0, lt=1)
+    budget_tokens: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_amount(self):
+        if self.ratio is not None and self.budget_tokens is not None:
+            raise ValueError("give either ratio or budget_tokens, not both")
+        return self
+
+
+# -- responses ------------------------------------------------------------------------------------------------
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class KvlabStats(BaseModel):
+    """The ``kvlab`` object of a response: where the prompt's KV cache came from and what the request cost."""
+
+    document_id: str | None
+    prefilled_tokens: int  # prompt tokens run through the model for this request
+    cached_tokens: int  # prompt tokens reused (the document's cache, earlier turns)
+    kv_bytes: int  # live KV bytes of the sequence at the end
+    prefill_s: float
+    decode_s: float
+    queue_s: float
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChoice]
+    usage: Usage
+    kvlab: KvlabStats
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: str
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    kvlab: KvlabStats
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "kvlab"
+    max_context_tokens: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Document(BaseModel):
+    """A stored document. Tokens are the model's; ``kept_tokens`` is the mean kept per head (full-attention
+    layers); bytes are KV bytes except ``file_bytes``. Listings leave out the fields that need the cache loaded."""
+
+    id: str
+    object: Literal["document"] = "document"
+    created_at: str
+    model: str
+    policy: str
+    policy_params: dict
+    ratio: float | None
+    budget_tokens: int
+    context_tokens: int
+    kept_tokens: float | None = None
+    kv_bytes_full: int
+    kv_bytes_kept: int
+    file_bytes: int
+    prefill_s: float | None = None
+    compress_s: float | None = None
+
+
+class DocumentList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Document]
+
+
+class DeletedDocument(BaseModel):
+    id: str
+    object: Literal["document"] = "document"
+    deleted: bool = True
+
+
+def request_field_names() -> set[str]:
+    """Every field name a request body may carry (for "did you mean" suggestions)."""
+    names: set[str] = set()
+    for model in (ChatCompletionRequest, CompletionRequest, DocumentRequest, KvlabOptions, StreamOptions):
+        names.update(model.model_fields)
+    return names

@@ -1,0 +1,127 @@
+"""The prefix cache: KV caches of conversations already seen, so a session's next turn prefills only what is new.
+
+An entry is keyed by the hash of (document id, token ids after the document). Its ``cache`` covers the first
+``fed_tokens`` of those ids (on top of the document's cache); any remaining ids are *pending*: sampled but not yet
+fed, such as the end-of-turn token that stopped an answer. A request whose token ids extend an entry's ids forks the
+entry's cache and feeds only the rest; an entry whose ids equal the request's can continue only if it kept the
+logits of its last position (``last_logits``).
+
+Two entries are stored per request: the prompt, right after prefill (with its logits), and the prompt plus the
+answer. The next turn of a session matches the second when the client sends the answer back as it was generated,
+and the first otherwise (for example after a stop string cut the answer, or when its text re-tokenizes differently).
+A document's own cache is the entry with no ids after it.
+
+Bounded by entries and by bytes: least recently used entries go first. ``kv_bytes`` counts the storage of every
+key, value and position tensor once, even when entries share tensors (a fork shares its parent's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from array import array
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvlab.cache.kvcache import KVCache
+
+
+@dataclass
+class Entry:
+    document_id: str  # "" when the conversation has no document
+    token_ids: tuple[int, ...]  # tokens after the document
+    cache: KVCache  # holds the document plus token_ids[:fed_tokens]; never modified (requests fork it)
+    fed_tokens: int
+    last_logits: torch.Tensor | None  # (vocab,) fp32 predicting the token after token_ids, when all were fed
+
+    @property
+    def pending_ids(self) -> tuple[int, ...]:
+        return self.token_ids[self.fed_tokens:]
+
+
+def prefix_key(document_id: str, token_ids: Sequence[int]) -> str:
+    data = array("q", token_ids).tobytes()
+    return hashlib.sha256(document_id.encode() + b"\0" + data).hexdigest()
+
+
+class PrefixCache:
+    """LRU of Entry objects; thread-safe (the worker reads and writes, request threads delete and measure)."""
+
+    def __init__(self, max_bytes: int, max_entries: int = 64) -> None:
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._lengths: dict[str, Counter] = {}  # document id -> Counter of stored token-id lengths
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, document_id: str, token_ids: Sequence[int]) -> Entry | None:
+        """The entry with the longest ids that ``token_ids`` starts with and that can continue to it, or None."""
+        wanted = len(token_ids)
+        with self._lock:
+            lengths = sorted(self._lengths.get(document_id, ()), reverse=True)
+            for length in lengths:
+                if length > wanted:
+                    continue
+                key = prefix_key(document_id, token_ids[:length])
+                entry = self._entries.get(key)
+                if entry is None or list(entry.token_ids) != list(token_ids[:length]):
+                    continue
+                if length == wanted and entry.pending_ids == () and entry.last_logits is None:
+                    continue  # nothing left to feed and no logits to sample from
+                self._entries.move_to_end(key)
+                return entry
+        return None
+
+    def put(self, document_id: str, token_ids: Sequence[int], cache: KVCache, fed_tokens: int,
+            last_logits: torch.Tensor | None = None) -> None:
+        """Keep ``cache`` (the caller must not grow it afterwards: pass a fork) and evict down to the bounds."""
+        entry = Entry(document_id, tuple(int(t) for t in token_ids), cache, fed_tokens, last_logits)
+        key = prefix_key(document_id, entry.token_ids)
+        with self._lock:
+            if key in self._entries:
+                self._forget(key)
+            self._entries[key] = entry
+            self._lengths.setdefault(document_id, Counter())[len(entry.token_ids)] += 1
+            while self._entries and (len(self._entries) > self.max_entries or self._kv_bytes() > self.max_bytes):
+                self._forget(next(iter(self._entries)))
+
+    def drop_document(self, document_id: str) -> int:
+        """Forget every entry on ``document_id``; returns how many there were."""
+        with self._lock:
+            keys = [key for key, entry in self._entries.items() if entry.document_id == document_id]
+            for key in keys:
+                self._forget(key)
+            return len(keys)
+
+    def has_document(self, document_id: str) -> bool:
+        with self._lock:
+            return document_id in self._lengths
+
+    @property
+    def kv_bytes(self) -> int:
+        with self._lock:
+            return self._kv_bytes()
+
+    def _kv_bytes(self) -> int:
+        storages: dict[int, int] = {}
+        for entry in self._entries.values():
+            for layer in entry.cache.layers:
+                for tensor in (layer.keys, layer.values, layer.positions):
+                    storage = tensor.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
+
+    def _forget(self, key: str) -> None:
+        entry = self._entries.pop(key)
+        lengths = self._lengths[entry.document_id]
+        lengths[len(entry.token_ids)] -= 1
+        if lengths[len(entry.token_ids)] <= 0:
+            del lengths[len(entry.token_ids)]
+        if not lengths:
+            del self._lengths[entry.document_id]

@@ -1,0 +1,59 @@
+"""Server settings: one frozen dataclass, validated when built; `kvlab serve` flags map onto its fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvlab.errors import ParameterError
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = "smollm2-135m"  # embedded name, local folder or hub id; loaded once at startup
+    device: str | None = None  # torch device; None: cuda if available, else cpu
+    policy: str = "full"  # policy that compresses posted documents (a POST may override it)
+    policy_params: dict = field(default_factory=dict)  # that policy's parameters
+    ratio: float | None = None  # fraction of document tokens evicted; None with a policy other than full: 0.5
+    budget_tokens: int | None = None  # alternative to ratio: document tokens kept per head per layer
+    store_root: Path | str | None = None  # document store folder; None: $KVLAB_CACHE_DIR/kv
+    max_queue: int = 8  # requests waiting for the model beyond the one running; more get 429
+    request_timeout_s: float = 300.0  # from arrival to the last token, queueing included; then 504
+    max_body_bytes: int = 16 * MIB  # larger request bodies get 413
+    default_max_tokens: int = 512  # chat tokens generated when a request names no max_tokens (capped by the window)
+    session_cache_bytes: int = 1024 * MIB  # KV bytes the prefix cache may hold (documents and conversations)
+    session_cache_entries: int = 64  # and at most this many cached prefixes
+    chunk_tokens: int = 512  # prefill chunk; cancellation and timeouts are checked between chunks
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_queue >= 0, f"max_queue must be >= 0 (got {self.max_queue})"),
+            (self.request_timeout_s > 0, f"request timeout must be > 0 seconds (got {self.request_timeout_s})"),
+            (self.max_body_bytes > 0, f"max_body_bytes must be > 0 (got {self.max_body_bytes})"),
+            (self.default_max_tokens >= 1, f"default_max_tokens must be >= 1 (got {self.default_max_tokens})"),
+            (self.session_cache_bytes >= 0, f"session cache bytes must be >= 0 (got {self.session_cache_bytes})"),
+            (self.session_cache_entries >= 1, f"session_cache_entries must be >= 1 "
+                                              f"(got {self.session_cache_entries})"),
+            (self.chunk_tokens >= 1, f"chunk_tokens must be >= 1 (got {self.chunk_tokens})"),
+            (self.ratio is None or 0 <= self.ratio < 1, f"ratio must be in [0, 1) (got {self.ratio})"),
+            (self.ratio is None or self.budget_tokens is None, "give either a ratio or a budget, not both"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ParameterError(message)
+
+    def document_ratio(self, policy: str, ratio: float | None, budget_tokens: int | None) -> float | None:
+        """The ratio a document is compressed with: the request's, else the server's, else 0.5 for a policy that
+        compresses (as `kvlab compress` does); None when a budget is given."""
+        if ratio is not None or budget_tokens is not None:
+            return ratio
+        if policy == self.policy and (self.ratio is not None or self.budget_tokens is not None):
+            return self.ratio
+        return None if policy == "full" else 0.5
+
+    def document_budget(self, policy: str, ratio: float | None, budget_tokens: int | None) -> int | None:
+        if ratio is not None or budget_tokens is not None:
+            return budget_tokens
+        return self.budget_tokens if policy == self.policy else None

@@ -1,0 +1,64 @@
+"""What one server holds: its settings, the one engine (model), the document store, the prefix cache, the metrics
+and the worker that runs model work."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from kvlab.engine import Engine
+from kvlab.server.errors import ApiError
+from kvlab.server.metrics import Metrics
+from kvlab.server.sessions import PrefixCache
+from kvlab.server.settings import Settings
+from kvlab.server.worker import Worker
+from kvlab.store.store import CacheStore
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    engine: Engine
+    store: CacheStore
+    sessions: PrefixCache
+    metrics: Metrics
+    worker: Worker
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def model_id(self) -> str:
+        return self.engine.loaded.name
+
+    @property
+    def max_context_tokens(self) -> int:
+        return self.engine.loaded.max_context_tokens
+
+    @property
+    def fingerprint(self) -> str:
+        return self.engine.loaded.fingerprint
+
+    def check_model(self, model: str) -> None:
+        """404 ``model_not_found`` unless ``model`` is the one this server serves."""
+        if model != self.model_id:
+            raise ApiError(404, f"the model {model!r} does not exist on this server; it serves {self.model_id!r} "
+                                f"(GET /v1/models)", param="model", code="model_not_found")
+
+
+def build_state(settings: Settings, engine: Engine | None = None) -> ServerState:
+    """Load the model (unless ``engine`` is given) and wire the parts together; the worker is not started yet."""
+    if engine is None:
+        from kvlab.models import load_model
+
+        engine = Engine(load_model(settings.model, device=settings.device), chunk_tokens=settings.chunk_tokens)
+    metrics = Metrics()
+    sessions = PrefixCache(settings.session_cache_bytes, settings.session_cache_entries)
+    worker = Worker(engine.model, settings.max_queue,
+                    on_cancel=lambda reason: metrics.inc("kvlab_generations_cancelled_total", reason=reason))
+    state = ServerState(settings, engine, CacheStore(settings.store_root), sessions, metrics, worker)
+    metrics.gauge("kvlab_kv_bytes_held", "KV bytes held by the prefix cache (documents and conversations)",
+                  lambda: sessions.kv_bytes)
+    metrics.gauge("kvlab_prefix_cache_entries", "cached prefixes in memory", lambda: len(sessions))
+    metrics.gauge("kvlab_queue_waiting", "requests waiting for the model", lambda: worker.waiting)
+    metrics.gauge("kvlab_queue_running", "requests running on the model (0 or 1)", lambda: int(worker.busy))
+    _ = state.fingerprint  # computed once now, not in the first request
+    return state

@@ -1,0 +1,58 @@
+"""`kvlab serve` refuses bad settings with one line and exit status 2, before loading a model."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvlab.cli import main
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--policy", "snapk"], "Did you mean"),
+    (["--policy", "snapkv", "-p", "window=3"], "window_tokens"),
+    (["--session-cache", "lots"], "cannot read size"),
+    (["--max-queue", "-1"], "max_queue"),
+])
+def test_bad_settings_fail_in_one_line(argv, fragment, capsys, monkeypatch):
+    import kvlab.server.app
+
+    monkeypatch.setattr(kvlab.server.app, "build_state", lambda *a, **k: pytest.fail("loaded a model"))
+    assert main(["serve", *argv]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("kvlab: error: ") and fragment in error and len(error.strip().splitlines()) == 1
+
+
+def test_kvlab_serve_answers_an_openai_client(tmp_path):
+    """The real command: `kvlab serve` in a subprocess, polled until healthy, then one chat through the client."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from openai import OpenAI
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "kvlab", "serve", "--model", "tiny-llama", "--port", str(port),
+               "--store", str(tmp_path), "--log-level", "warning"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "kvlab serve did not become healthy"
+            time.sleep(0.1)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=3, temperature=0)
+        assert reply.usage.completion_tokens <= 3 and reply.choices[0].finish_reason in ("stop", "length")
+    finally:
+        process.terminate()
+        process.wait(10)
