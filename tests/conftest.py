@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from kvlab.engine import Engine
 from kvlab.models import load_model
 
 
@@ -21,3 +22,15 @@ def tiny_gemma3():
 @pytest.fixture(scope="session")
 def smollm2():
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama):
+    """An engine on the tiny Llama with small prefill chunks, so chunk boundaries are exercised."""
+    return Engine(tiny_llama, chunk_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def gemma(tiny_gemma3):
+    """An engine on the tiny Gemma 3 (sliding and global layers) with small prefill chunks."""
+    return Engine(tiny_gemma3, chunk_tokens=64)

@@ -38,16 +38,6 @@ def full_positions(cache) -> list[torch.Tensor]:
     return [layer.positions for layer in cache.layers if layer.spec.kind == "full"]
 
 
-@pytest.fixture(scope="module")
-def llama(tiny_llama):
-    return Engine(tiny_llama, chunk_tokens=64)
-
-
-@pytest.fixture(scope="module")
-def gemma(tiny_gemma3):
-    return Engine(tiny_gemma3, chunk_tokens=64)
-
-
 # -- the token sequence --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("model", ["llama", "gemma"])
 def test_two_full_turns_equal_one_prefill_of_the_whole_sequence(request, model):

@@ -25,16 +25,6 @@ def document_text(engine: Engine, tokens: int = 300, seed: int = 0) -> str:
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_llama):
-    return Engine(tiny_llama, chunk_tokens=64)
-
-
-@pytest.fixture(scope="module")
-def gemma(tiny_gemma3):
-    return Engine(tiny_gemma3, chunk_tokens=64)
-
-
-@pytest.fixture(scope="module")
 def text(llama):
     return document_text(llama)
 
