@@ -107,7 +107,9 @@ def stats_line(answer) -> str:
     saved = answer.kv_bytes_full / answer.kv_bytes_kept if answer.kv_bytes_kept else float("inf")
     prefill_rate = answer.context_tokens / answer.prefill_s if answer.prefill_s else 0.0
     mode = "query-aware" if answer.query_aware else "query-agnostic"
+    # a saved chat holds the conversation too, so its cache can outgrow the document's full cache
+    change = f"{saved:.2f}x smaller" if saved >= 1 else f"{1 / saved:.2f}x the document's full cache, with the chat"
     return (f"[{answer.policy} {mode}] context {answer.context_tokens} tok | kept {answer.kept_tokens:.0f} tok/head"
-            f" | KV {format_mib(answer.kv_bytes_full)} -> {format_mib(answer.kv_bytes_kept)} ({saved:.2f}x smaller)"
+            f" | KV {format_mib(answer.kv_bytes_full)} -> {format_mib(answer.kv_bytes_kept)} ({change})"
             f" | prefill {format_seconds(answer.prefill_s)} ({prefill_rate:.0f} tok/s)"
             f" | compress {format_seconds(answer.compress_s)} | decode {answer.decode_tokens_per_s:.1f} tok/s")
