@@ -138,11 +138,11 @@ def run_grid(engine: Engine, samples: list[Sample], cells: list[Cell], results: 
             if not wanted:
                 continue
             if mode == "single":
-                rows = _single(engine, sample, cells, wanted, request, query_aware, seed, force, outcome)
+                rows = _single(engine, sample, cells, wanted, request, query_aware, force, outcome)
             elif mode == "multi-request":
-                rows = _multi_request(engine, sample, cells, wanted, request, seed, force, outcome)
+                rows = _multi_request(engine, sample, cells, wanted, request, force, outcome)
             else:
-                rows = _multi_turn(engine, sample, cells, wanted, request, seed, force, outcome)
+                rows = _multi_turn(engine, sample, cells, wanted, request, force, outcome)
             for row in rows:
                 record(row)
     except KeyboardInterrupt:
@@ -175,10 +175,10 @@ def _prefill(engine: Engine, sample: Sample, question_index: int, request: Obser
                     parts.suffix_ids, question_index)
 
 
-def _compressed(engine: Engine, context: _Context, cell: Cell, seed: int) -> tuple[KVCache, dict]:
+def _compressed(engine: Engine, context: _Context, cell: Cell) -> tuple[KVCache, dict]:
     """A compressed (and, for quantized cells, quantized then dequantized) copy with its cost columns."""
     cache, budget, compress_s = engine.compress(context.result, cell.policy, ratio=cell.ratio,
-                                                compressible_tokens=context.context_tokens, seed=seed)
+                                                compressible_tokens=context.context_tokens)
     kv_bytes_kept = cache.live_bytes
     if cell.quantization is not None:
         started = time.perf_counter()
@@ -216,7 +216,7 @@ def _ordered(cells: list[Cell]) -> list[Cell]:
     return [reference] + [cell for cell in cells if not cell.is_reference]
 
 
-def _single(engine, sample, cells, wanted, request, query_aware, seed, force, outcome):
+def _single(engine, sample, cells, wanted, request, query_aware, force, outcome):
     shared = None
     for index in range(len(sample.questions)):
         if not any((index, cell) in wanted for cell in cells):
@@ -227,7 +227,7 @@ def _single(engine, sample, cells, wanted, request, query_aware, seed, force, ou
         suffix = None if query_aware else engine.prompt("", sample.questions[index], sample.answer_prefix).suffix_ids
         reference_ids = reference_log_probs = None
         for cell in _ordered(cells):
-            cache, costs = _compressed(engine, context, cell, seed)
+            cache, costs = _compressed(engine, context, cell)
             question_started = time.perf_counter()
             first_logits = context.result.last_logits if suffix is None else engine.feed(cache, suffix)
             question_s = time.perf_counter() - question_started
@@ -243,14 +243,14 @@ def _single(engine, sample, cells, wanted, request, query_aware, seed, force, ou
                        kl_vs_full=mean_kl_divergence(reference_log_probs, log_probs))
 
 
-def _multi_request(engine, sample, cells, wanted, request, seed, force, outcome):
+def _multi_request(engine, sample, cells, wanted, request, force, outcome):
     from kvlab.store.format import load_cache, meta_for, save_cache
 
     context = _prefill(engine, sample, 0, request, False, force, outcome)
     references: dict[int, tuple] = {}
     with tempfile.TemporaryDirectory(prefix="kvlab-bench-") as folder:
         for cell in _ordered(cells):
-            cache, costs = _compressed(engine, context, cell, seed)
+            cache, costs = _compressed(engine, context, cell)
             stored = cache if cell.quantization is None else quantize_cache(cache, cell.quantization)
             path = Path(folder) / "cell.kv"
             meta = meta_for(engine.loaded, stored, text=sample.context, policy=cell.policy, ratio=cell.ratio,
@@ -279,11 +279,11 @@ def _multi_request(engine, sample, cells, wanted, request, seed, force, outcome)
                            kl_vs_full=mean_kl_divergence(references[index][1], log_probs))
 
 
-def _multi_turn(engine, sample, cells, wanted, request, seed, force, outcome):
+def _multi_turn(engine, sample, cells, wanted, request, force, outcome):
     context = _prefill(engine, sample, 0, request, False, force, outcome, conversation=True)
     reference_answers: list[list[int]] = []
     for cell in _ordered(cells):
-        cache, costs = _compressed(engine, context, cell, seed)
+        cache, costs = _compressed(engine, context, cell)
         conversation = Conversation(engine, cache, policy=cell.policy, budget_tokens=costs["budget_tokens"])
         for index, question in enumerate(sample.questions):
             turn = conversation.ask(question, max_new_tokens=sample.max_new_tokens, sampling=GREEDY,

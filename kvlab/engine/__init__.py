@@ -9,6 +9,7 @@ import torch
 from kvlab.cache.kvcache import KVCache
 from kvlab.cache.layout import layout_from_config
 from kvlab.cache.observations import ObservationRequest
+from kvlab.engine.attention import Observer
 from kvlab.engine.compress import budget_from_ratio, compress
 from kvlab.engine.generate import Generation, decode
 from kvlab.engine.prefill import DEFAULT_CHUNK_TOKENS, PrefillResult, prefill
@@ -88,13 +89,13 @@ class Engine:
                        progress=progress)
 
     def compress(self, result: PrefillResult, policy: Policy, *, ratio: float | None = None,
-                 budget_tokens: int | None = None, compressible_tokens: int | None = None,
-                 seed: int = 0) -> tuple[KVCache, int, float]:
+                 budget_tokens: int | None = None,
+                 compressible_tokens: int | None = None) -> tuple[KVCache, int, float]:
         """Compress a copy of ``result.cache``; returns (cache, budget_tokens, seconds)."""
         compressible = result.cache.num_tokens if compressible_tokens is None else compressible_tokens
         budget = resolve_budget(ratio, budget_tokens, compressible)
         cache, seconds = compress(result.cache, policy, result.observations, budget_tokens=budget,
-                                  compressible_tokens=compressible, seed=seed)
+                                  compressible_tokens=compressible)
         return cache, budget, seconds
 
     def continue_and_decode(self, cache: KVCache, suffix_ids: torch.Tensor | None, first_logits: torch.Tensor | None,
@@ -108,15 +109,15 @@ class Engine:
         return decode(runner, first_logits, max_new_tokens=max_new_tokens, sampler=Sampler(sampling),
                       stop_token_ids=self.stop_ids)
 
-    def feed(self, cache: KVCache, token_ids: torch.Tensor) -> torch.Tensor:
+    def feed(self, cache: KVCache, token_ids: torch.Tensor, observer: Observer | None = None) -> torch.Tensor:
         """Append ``token_ids`` (1-D) to ``cache`` in place, in chunks; return the last position's logits (vocab,)."""
-        return self._feed(ModelRunner(self.model, cache), token_ids)
+        return self._feed(ModelRunner(self.model, cache), token_ids, observer)
 
-    def _feed(self, runner: ModelRunner, token_ids: torch.Tensor) -> torch.Tensor:
+    def _feed(self, runner: ModelRunner, token_ids: torch.Tensor, observer: Observer | None = None) -> torch.Tensor:
         if not token_ids.numel():
             raise ParameterError("nothing to feed: the token sequence is empty")
         for start in range(0, int(token_ids.numel()), self.chunk_tokens):
-            logits = runner.feed(token_ids[start:start + self.chunk_tokens])[-1]
+            logits = runner.feed(token_ids[start:start + self.chunk_tokens], observer=observer)[-1]
         return logits
 
     # -- the whole job ----------------------------------------------------------------------------------------
@@ -144,7 +145,7 @@ class Engine:
             suffix, first_logits = parts.suffix_ids, None
         full_bytes = result.cache.live_bytes
         cache, budget, compress_s = self.compress(result, policy, ratio=ratio, budget_tokens=budget_tokens,
-                                                  compressible_tokens=context_tokens, seed=sampling.seed)
+                                                  compressible_tokens=context_tokens)
         kept_bytes, allocated_bytes, kept = cache.live_bytes, cache.allocated_bytes, context_kept_tokens(
             cache, context_tokens)
         generation = self.continue_and_decode(cache, suffix, first_logits, max_new_tokens=max_new_tokens,

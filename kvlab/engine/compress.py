@@ -6,8 +6,6 @@ from __future__ import annotations
 import math
 import time
 
-import torch
-
 from kvlab.cache.kvcache import KVCache
 from kvlab.cache.observations import Observations
 from kvlab.cache.selection import eligible_scores, protection_mask, select_slots
@@ -23,7 +21,7 @@ def budget_from_ratio(ratio: float, compressible_tokens: int) -> int:
 
 
 def compress(cache: KVCache, policy: Policy, observations: Observations, *, budget_tokens: int,
-             compressible_tokens: int | None = None, seed: int = 0) -> tuple[KVCache, float]:
+             compressible_tokens: int | None = None) -> tuple[KVCache, float]:
     """Return (compressed copy of ``cache``, seconds). ``cache`` is left untouched.
 
     ``budget_tokens`` is the mean number of tokens kept per head per full-attention layer among positions below
@@ -38,7 +36,6 @@ def compress(cache: KVCache, policy: Policy, observations: Observations, *, budg
                           f"raise --budget to at least {max(1, sinks)} or lower the ratio")
     recent = min(policy.protected_recent_tokens(budget_tokens), max(budget_tokens - sinks, 0))
     protected_tokens = min(sinks + recent, budget_tokens)
-    generator = torch.Generator().manual_seed(seed)
 
     # A fork, not the cache itself: sliding layers pass through unchanged, and decoding on the copy must not
     # grow them in ``cache``.
@@ -48,7 +45,7 @@ def compress(cache: KVCache, policy: Policy, observations: Observations, *, budg
     for index in full_layers:
         layer = cache.layers[index]
         inputs = ScoreInputs(index, layer.spec, layer.keys, layer.values, layer.positions,
-                             observations.layer(index), generator)
+                             observations.layer(index))
         scores = policy.score(inputs).to(layer.keys.device)
         if scores.shape != layer.positions.shape:
             raise RuntimeError(f"{policy.name} returned scores of shape {tuple(scores.shape)} for layer {index}, "

@@ -18,7 +18,6 @@ from kvlab.cache.kvcache import KVCache
 from kvlab.cache.observations import ObservationRequest, Observations
 from kvlab.engine.compress import compress
 from kvlab.engine.observe import ObservationRecorder
-from kvlab.engine.runner import ModelRunner
 from kvlab.engine.sampling import SamplingConfig
 from kvlab.errors import ParameterError
 from kvlab.policies.base import Policy
@@ -108,10 +107,7 @@ class Conversation:
         if request.window_tokens or request.attention_sums:
             window = ObservationRequest(min(request.window_tokens or count, count), request.attention_sums)
             recorder = ObservationRecorder(window, self.engine.layout, total_tokens=self.cache.num_tokens + count)
-        runner = ModelRunner(self.engine.model, self.cache)
-        chunk = self.engine.chunk_tokens
-        for start in range(0, count, chunk):
-            logits = runner.feed(token_ids[start:start + chunk], observer=recorder)[-1]
+        logits = self.engine.feed(self.cache, token_ids, observer=recorder)
         return logits, recorder.observations if recorder is not None else Observations()
 
     def _over_budget(self) -> bool:

@@ -42,7 +42,6 @@ class ScoreInputs:
     values: torch.Tensor
     positions: torch.Tensor
     observation: LayerObservation | None
-    generator: torch.Generator
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from kvlab.fileio import atomic_write
 from kvlab.models.fingerprint import tokenizer_fingerprint
 from kvlab.policies.base import Policy
 from kvlab.store.format import LoadedCache, load_cache, meta_for, save_cache
+from kvlab.store.meta import CacheMeta
 from kvlab.store.store import CacheStore, key_for
 
 _KEY_PREFIX = re.compile(r"[0-9a-fA-F]{1,64}")  # what `kvlab cache ls` shows; anything else is a file path
@@ -53,8 +54,8 @@ def document_key(engine: Engine, text: str, policy: Policy, ratio: float | None,
 
 def compress_document(engine: Engine, text: str, policy: Policy, *, ratio: float | None = None,
                       budget_tokens: int | None = None, quantization: QuantizationParams | None = None,
-                      store: CacheStore | None = None, force: bool = False, progress: bool = False,
-                      seed: int = 0) -> CompressedDocument:
+                      store: CacheStore | None = None, force: bool = False,
+                      progress: bool = False) -> CompressedDocument:
     """Prefill ``text``, compress it with ``policy`` (and quantize), and keep it in ``store``; reuse a stored copy."""
     store = store or CacheStore()
     prefix_ids = engine.prompt(text, "").prefix_ids
@@ -65,12 +66,13 @@ def compress_document(engine: Engine, text: str, policy: Policy, *, ratio: float
     found = store.get(key)
     if found is not None:
         try:
+            # a full load, not just the header: a damaged payload must be recomputed here, not found again
             loaded = load_cache(found, expected_model_fingerprint=engine.loaded.fingerprint)
-            return _describe(found, key, True, loaded, 0.0, 0.0)
+            return _describe(found, key, True, loaded.meta, loaded.cache.kept_tokens(), loaded.file_bytes, 0.0, 0.0)
         except (CorruptCacheError, MissingCacheFileError):
             pass  # damaged (or removed meanwhile): compute it again and replace it, as the error tells users to do
     result = engine.prefill(prefix_ids, policy.observation_request(), progress=progress)
-    cache, budget, compress_s = engine.compress(result, policy, budget_tokens=budget, seed=seed)
+    cache, budget, compress_s = engine.compress(result, policy, budget_tokens=budget)
     stored = cache if quantization is None else quantize_cache(cache, quantization.scheme, quantization.group_size,
                                                                 quantization.residual_tokens)
     meta = meta_for(engine.loaded, stored, text=text, policy=policy, ratio=ratio, budget_tokens=budget,
@@ -80,18 +82,15 @@ def compress_document(engine: Engine, text: str, policy: Policy, *, ratio: float
                            "prefill_s": result.seconds, "compress_s": compress_s, "turns": 0,
                            "pending_token_ids": []})
     path = store.put(key, lambda temporary: save_cache(temporary, stored, meta, result.last_logits))
-    loaded = load_cache(path, expected_model_fingerprint=engine.loaded.fingerprint)
-    return _describe(path, key, False, loaded, result.seconds, compress_s)
+    return _describe(path, key, False, meta, cache.kept_tokens(), path.stat().st_size, result.seconds, compress_s)
 
 
-def _describe(path: Path, key: str, from_store: bool, loaded: LoadedCache, prefill_s: float,
-              compress_s: float) -> CompressedDocument:
-    extra = loaded.meta.extra
-    return CompressedDocument(path=Path(path), key=key, from_store=from_store,
-                              context_tokens=loaded.meta.context_tokens, kept_tokens=loaded.cache.kept_tokens(),
-                              kv_bytes_full=int(extra.get("kv_bytes_full", 0)),
-                              kv_bytes_kept=int(extra.get("kv_bytes_stored", loaded.cache.live_bytes)),
-                              file_bytes=loaded.file_bytes, prefill_s=prefill_s, compress_s=compress_s)
+def _describe(path: Path, key: str, from_store: bool, meta: CacheMeta, kept_tokens: float, file_bytes: int,
+              prefill_s: float, compress_s: float) -> CompressedDocument:
+    return CompressedDocument(path=Path(path), key=key, from_store=from_store, context_tokens=meta.context_tokens,
+                              kept_tokens=kept_tokens, kv_bytes_full=int(meta.extra.get("kv_bytes_full", 0)),
+                              kv_bytes_kept=int(meta.extra.get("kv_bytes_stored", 0)), file_bytes=file_bytes,
+                              prefill_s=prefill_s, compress_s=compress_s)
 
 
 def copy_out(source: Path, destination: str | Path) -> Path:

@@ -46,7 +46,7 @@ def test_window_attention_matches_eager(model_name, request):
     for index in full_layers(result.cache):
         layer = result.cache.layers[index]
         inputs = ScoreInputs(index, layer.spec, layer.keys, layer.values, layer.positions,
-                             result.observations.layer(index), torch.Generator())
+                             result.observations.layer(index))
         ours = window_attention(inputs)
         reference = attentions[index][0, :, -window:, :].float()
         assert ours.shape == reference.shape == (layer.spec.query_heads, window, 120)
