@@ -29,7 +29,7 @@ def environment() -> dict:
     }
 
 
-def median_seconds(run: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> list[float]:
+def timed_runs(run: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> list[float]:
     """Wall seconds of ``repeats`` calls of ``run`` (after one untimed warm-up call)."""
     run()
     sync()

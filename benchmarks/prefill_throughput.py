@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import environment, median_seconds, summary, write_json
+from _common import environment, timed_runs, summary, write_json
 
 from kvlab.bench.haystack import build_haystack
 from kvlab.cache.observations import ObservationRequest
@@ -49,7 +49,7 @@ def main() -> None:
     }
     results = {}
     for name, run in variants.items():
-        times = median_seconds(run, args.repeats, sync)
+        times = timed_runs(run, args.repeats, sync)
         results[name] = {**summary(times), "tokens_per_s": tokens / summary(times)["median_s"]}
     baseline = results["transformers_forward"]["tokens_per_s"]
     print(f"{args.model} on {loaded.device}, {tokens} tokens, median of {args.repeats} runs, chunk {args.chunk_tokens}")

@@ -224,7 +224,7 @@ def _single(engine, sample, cells, wanted, request, query_aware, force, outcome)
         if query_aware or shared is None:
             shared = _prefill(engine, sample, index, request, query_aware, force, outcome)
         context = shared
-        suffix = None if query_aware else engine.prompt("", sample.questions[index], sample.answer_prefix).suffix_ids
+        suffix = None if query_aware else engine.question_ids(sample.questions[index], sample.answer_prefix)
         reference_ids = reference_log_probs = None
         for cell in _ordered(cells):
             cache, costs = _compressed(engine, context, cell)
@@ -263,7 +263,7 @@ def _multi_request(engine, sample, cells, wanted, request, force, outcome):
                                     device=engine.loaded.device).cache
                 load_s = time.perf_counter() - load_started
                 question_started = time.perf_counter()
-                suffix = engine.prompt("", question, sample.answer_prefix).suffix_ids
+                suffix = engine.question_ids(question, sample.answer_prefix)
                 first_logits = engine.feed(loaded, suffix)
                 question_s = time.perf_counter() - question_started
                 generation, produced = _answer(engine, loaded, first_logits, sample.max_new_tokens)
