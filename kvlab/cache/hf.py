@@ -1,64 +1,86 @@
 """The only module that touches transformers' cache internals (transformers >= 5.20, < 5.30).
 
-kvlab drives the model with a plain ``DynamicCache`` of one ``DynamicLayer`` per decoder layer, whatever the
-layer kind, and trims sliding-window layers itself (see ``trim_sliding``): the masks come from our own position
-bookkeeping (``engine.attention``), so transformers' sliding layer classes, which keep their own counters, are
-not used. Tensors there are (1, kv_heads, slots, head_dim); ours drop the batch dimension.
+``HFCacheView`` puts a kvlab ``KVCache`` behind transformers' Cache protocol, so the model's attention layers write
+into kvlab's storage directly: ``update`` appends the new keys and values, with their original positions, to the
+kvlab layer (``LayerCache.append``) and hands attention the layer's slots. There is no second container and no
+copy. The positions of a forward pass are set with ``begin`` before it runs.
+
+Transformers builds no cross-slot mask for this cache (``get_mask_sizes`` reports only the new tokens): kvlab's
+attention function (``engine.attention``) knows each layer's positions and padding itself. Tensors there are
+(1, kv_heads, slots, head_dim); ours drop the batch dimension.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvlab.cache.kvcache import KVCache, LayerCache
 
 
-def to_hf_cache(cache: KVCache) -> DynamicCache:
-    """A DynamicCache whose layers hold views of ``cache``'s tensors (no copy)."""
-    hf_cache = DynamicCache()
-    hf_cache.layers = []
-    for layer in cache.layers:
-        hf_layer = DynamicLayer()
-        hf_layer.lazy_initialization(layer.keys, layer.values)
-        hf_layer.keys = layer.keys.unsqueeze(0)
-        hf_layer.values = layer.values.unsqueeze(0)
-        hf_cache.layers.append(hf_layer)
-    return hf_cache
+class _LayerView(CacheLayerMixin):
+    """One decoder layer's side of the view (transformers asks layers for sizes and sliding flags)."""
+
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, owner: "HFCacheView", index: int) -> None:
+        super().__init__()
+        self.owner = owner
+        self.index = index
+        self.is_sliding = owner.cache.layers[index].spec.kind == "sliding"
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        return None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return self.owner.update(key_states, value_states, self.index)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.cache.num_tokens
+
+    def get_max_length(self) -> int:
+        return -1
 
 
-def sync_from_hf(cache: KVCache, hf_cache: DynamicCache) -> None:
-    """After a forward pass, point ``cache``'s layers at the grown tensors transformers appended to."""
-    for layer, hf_layer in zip(cache.layers, hf_cache.layers):
-        layer.keys = hf_layer.keys[0]
-        layer.values = hf_layer.values[0]
+class HFCacheView(Cache):
+    """A transformers Cache whose storage is ``cache``; ``begin(positions)`` before each forward."""
 
+    def __init__(self, cache: KVCache) -> None:
+        self.cache = cache
+        self.positions: torch.Tensor | None = None
+        super().__init__(layers=[_LayerView(self, index) for index in range(len(cache.layers))])
 
-def trim_sliding(cache: KVCache, hf_cache: DynamicCache) -> None:
-    """Keep only the last ``window - 1`` slots of each sliding layer, in both containers."""
-    for layer, hf_layer in zip(cache.layers, hf_cache.layers):
-        keep = layer.spec.retained_tokens
-        if keep is None or layer.positions.shape[-1] <= keep:
-            continue
-        layer.keys = layer.keys[:, -keep:]
-        layer.values = layer.values[:, -keep:]
-        layer.positions = layer.positions[:, -keep:]
-        hf_layer.keys = layer.keys.unsqueeze(0)
-        hf_layer.values = layer.values.unsqueeze(0)
+    def begin(self, positions: torch.Tensor) -> None:
+        """The original positions, (n,) int64, of the tokens the next forward pass appends."""
+        self.positions = positions
 
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.positions is None:
+            raise RuntimeError("HFCacheView.update before begin(): the runner sets the new tokens' positions")
+        layer: LayerCache = self.cache.layers[layer_idx]
+        layer.append(key_states[0], value_states[0], self.positions)
+        keys, values = layer.attention_tensors()
+        return keys.unsqueeze(0), values.unsqueeze(0)
 
-def empty_layer(spec, dtype: torch.dtype, device: torch.device) -> LayerCache:
-    return LayerCache(
-        spec=spec,
-        keys=torch.zeros((spec.kv_heads, 0, spec.head_dim), dtype=dtype, device=device),
-        values=torch.zeros((spec.kv_heads, 0, spec.head_dim), dtype=dtype, device=device),
-        positions=torch.zeros((spec.kv_heads, 0), dtype=torch.long, device=device),
-    )
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.cache.num_tokens
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return query_length, 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return 0
 
 
 def cache_argument(model) -> str:
     """Name of the forward() keyword that takes the cache: ``cache`` from transformers 5.24, ``past_key_values``
     before (still accepted after, with a deprecation warning)."""
-    import inspect
-
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

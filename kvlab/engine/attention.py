@@ -1,30 +1,38 @@
-"""kvlab's attention function, registered in transformers' AttentionInterface under the name ``kvlab``.
+"""kvlab's attention function, registered once per model in transformers' AttentionInterface as ``kvlab``.
 
-Why our own: after eviction the kept keys no longer sit at the physical index transformers would infer from the
-cache length, heads of one layer may keep different tokens, and layers may keep different counts. The function
-builds each layer's mask from the original positions stored in our KVCache (causal by position, sliding window by
-position, padding slots masked per head) and then calls PyTorch's scaled_dot_product_attention. It also hands the
-rotated queries to an observer during prefill, which is how policies see attention without a model-specific hook.
+Why our own: after eviction the kept keys no longer sit at the index transformers would infer from the cache
+length, heads of one layer may keep different tokens, and layers may keep different counts. A kvlab forward pass
+(``engine.runner``) passes a ``Step`` as the ``kvlab_step`` keyword; transformers hands it to every attention call.
+Without it the function is transformers' own SDPA attention, so the model stays usable as usual (``generate``,
+a plain forward, another library's cache) and nothing is switched per call.
 
-The model is switched to this implementation only inside ``kvlab_attention(model, state)``, which restores the
-previous implementation in ``finally``.
+With a step, the cache layer has already appended the new keys (``cache.hf.HFCacheView.update``); this function
+only reads them and never changes the cache. Masks follow from facts known without touching the positions:
+  - decode (one query): every cached slot is in the past and a sliding layer holds at most window - 1 of them, so
+    no mask is needed; a padded (head-wise) layer uses the padding mask found once when the layer was built;
+  - the first chunk of a prefill: plain causal attention;
+  - a later chunk over unpadded full-attention slots: attention to the past needs no mask and the new-by-new block
+    is causal, so the two are computed apart and merged by their log-sum-exp (CPU flash kernel);
+  - anything else (sliding windows across chunks, padded layers with several queries, other devices): a mask built
+    from the stored positions, over the new queries only.
+During prefill it hands the rotated queries to an observer, which is how policies see attention without a
+model-specific hook.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from kvlab.cache.kvcache import KVCache, PADDING_POSITION
+from kvlab.cache.kvcache import PADDING_POSITION, KVCache, LayerCache
 from kvlab.cache.layout import LayerSpec
 from kvlab.errors import UnsupportedModelError
 
 IMPLEMENTATION_NAME = "kvlab"
+STEP_KEYWORD = "kvlab_step"
 
 # observer(layer_index, spec, queries (query_heads, q, d), keys (kv_heads, K, d), slot_positions (kv_heads, K),
 #          query_positions (q,), scaling)
@@ -32,13 +40,96 @@ Observer = Callable[[int, LayerSpec, torch.Tensor, torch.Tensor, torch.Tensor, t
 
 
 @dataclass
-class AttentionState:
+class Step:
+    """One forward pass: the cache it appends to, the new tokens' positions (q,) int64, an optional observer."""
+
     cache: KVCache
-    query_positions: torch.Tensor  # (q,) int64, positions of the tokens in the current forward pass
+    query_positions: torch.Tensor
     observer: Observer | None = None
 
 
-_ACTIVE: ContextVar[AttentionState | None] = ContextVar("kvlab_attention_state", default=None)
+def install(model) -> None:
+    """Register the kvlab attention function and make it the model's implementation (once; idempotent)."""
+    if model.config._attn_implementation == IMPLEMENTATION_NAME:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(IMPLEMENTATION_NAME, kvlab_attention_forward)
+    AttentionMaskInterface.register(IMPLEMENTATION_NAME, sdpa_mask)  # plain calls get SDPA's masks
+    model.set_attn_implementation(IMPLEMENTATION_NAME)
+
+
+def kvlab_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    step: Step | None = kwargs.pop(STEP_KEYWORD, None)
+    if step is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    if kwargs.get("softcap") is not None:
+        raise UnsupportedModelError("attention logit soft-capping (Gemma 2) is not supported by kvlab")
+    layer = step.cache.layers[module.layer_idx]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if step.observer is not None:
+        step.observer(module.layer_idx, layer.spec, query[0], key[0], layer.positions, step.query_positions, scale)
+    output = attend(query, key, value, layer, step.query_positions, scale)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layer: LayerCache,
+           query_positions: torch.Tensor, scale: float) -> torch.Tensor:
+    """query (1, query_heads, q, d) over keys, values (1, kv_heads, S, d), whose last q slots are the new tokens;
+    returns (1, query_heads, q, d)."""
+    spec = layer.spec
+    count, slots = query.shape[2], keys.shape[2]
+    past = slots - count
+    padding = layer.padding_free
+    window = spec.window_tokens
+    within_window = window is None or past + count <= window
+    if count == 1 and within_window:
+        return _decode(query, keys, values, spec, padding, scale)
+    if padding is None and within_window and past == 0:
+        return F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
+    if padding is None and window is None and past > 0 and _flash_available(query):
+        return _past_plus_causal(query, keys, values, spec, past, scale)
+    mask = position_mask(layer.positions, query_positions, window)
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask.repeat_interleave(
+        spec.group_size, dim=0).unsqueeze(0), scale=scale, enable_gqa=True)
+
+
+def _decode(query, keys, values, spec: LayerSpec, padding: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """One query: the query heads sharing a KV head attend as a group of rows, so keys are never repeated."""
+    dim = query.shape[-1]
+    grouped = query.reshape(1, spec.kv_heads, spec.group_size, dim)
+    mask = None if padding is None else padding[None, :, None, :]
+    output = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
+    return output.reshape(1, spec.query_heads, 1, dim)
+
+
+def _flash_available(query: torch.Tensor) -> bool:
+    return query.device.type == "cpu" and query.dtype in (torch.float32, torch.bfloat16) and hasattr(
+        torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def _past_plus_causal(query, keys, values, spec: LayerSpec, past: int, scale: float) -> torch.Tensor:
+    """Attention over ``past`` unmasked slots and a causal new-by-new block, merged by log-sum-exp: no mask over
+    the past is ever built."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    _, heads, count, dim = query.shape
+    group = spec.group_size
+    grouped = query.reshape(1, spec.kv_heads, group * count, dim)
+    past_out, past_lse = flash(grouped, keys[:, :, :past], values[:, :, :past], 0.0, False, scale=scale)[:2]
+    past_out = past_out.reshape(1, heads, count, dim)
+    past_lse = past_lse.reshape(1, heads, count)
+    new_keys = keys[:, :, past:].repeat_interleave(group, dim=1)
+    new_values = values[:, :, past:].repeat_interleave(group, dim=1)
+    new_out, new_lse = flash(query, new_keys, new_values, 0.0, True, scale=scale)[:2]
+    top = torch.maximum(past_lse, new_lse)
+    past_weight = torch.exp(past_lse - top).unsqueeze(-1)
+    new_weight = torch.exp(new_lse - top).unsqueeze(-1)
+    merged = (past_out.float() * past_weight + new_out.float() * new_weight) / (past_weight + new_weight)
+    return merged.to(query.dtype)
 
 
 def position_mask(slot_positions: torch.Tensor, query_positions: torch.Tensor,
@@ -50,55 +141,3 @@ def position_mask(slot_positions: torch.Tensor, query_positions: torch.Tensor,
     if window_tokens is not None:
         allowed &= queries - slots < window_tokens
     return allowed
-
-
-def kvlab_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    state = _ACTIVE.get()
-    if state is None:
-        raise RuntimeError("the kvlab attention implementation runs only inside kvlab.engine calls")
-    if kwargs.get("softcap") is not None:
-        raise UnsupportedModelError("attention logit soft-capping (Gemma 2) is not supported by kvlab")
-    layer = state.cache.layers[module.layer_idx]
-    spec = layer.spec
-    query_count = query.shape[2]
-    new_slots = state.query_positions.expand(layer.positions.shape[0], query_count)
-    slot_positions = torch.cat([layer.positions, new_slots], dim=-1)
-    if slot_positions.shape[-1] != key.shape[2]:
-        raise RuntimeError(f"layer {module.layer_idx}: cache holds {key.shape[2]} slots, bookkeeping {slot_positions.shape[-1]}")
-    layer.positions = slot_positions
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if state.observer is not None:
-        state.observer(module.layer_idx, spec, query[0], key[0], slot_positions, state.query_positions, scale)
-
-    plain_causal = slot_positions.shape[-1] == query_count and (
-        spec.window_tokens is None or spec.window_tokens >= query_count)
-    if plain_causal:  # the first chunk of a prefill: contiguous positions, the fast path
-        output = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
-    else:
-        # After per-head selection heads may hold different positions; one shared mask is enough when they do not.
-        uniform = bool((slot_positions == slot_positions[:1]).all())
-        mask = position_mask(slot_positions[:1] if uniform else slot_positions, state.query_positions,
-                             spec.window_tokens)
-        if not uniform:
-            mask = mask.repeat_interleave(spec.group_size, dim=0)
-        output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.unsqueeze(0), scale=scale,
-                                                enable_gqa=True)
-    return output.transpose(1, 2).contiguous(), None
-
-
-@contextmanager
-def kvlab_attention(model, state: AttentionState) -> Iterator[AttentionState]:
-    """Route ``model``'s attention through kvlab for the duration of the block."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(IMPLEMENTATION_NAME, kvlab_attention_forward)
-    previous = model.config._attn_implementation
-    token = _ACTIVE.set(state)
-    try:
-        if previous != IMPLEMENTATION_NAME:
-            model.set_attn_implementation(IMPLEMENTATION_NAME)
-        yield state
-    finally:
-        _ACTIVE.reset(token)
-        if previous != IMPLEMENTATION_NAME:
-            model.set_attn_implementation(previous)

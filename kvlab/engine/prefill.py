@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from kvlab.cache.hf import empty_layer
+from kvlab.cache.kvcache import empty_layer
 from kvlab.cache.kvcache import KVCache
 from kvlab.cache.layout import LayerSpec
 from kvlab.cache.observations import ObservationRequest, Observations
@@ -43,6 +43,7 @@ def prefill(model, layout: list[LayerSpec], token_ids: torch.Tensor, *,
     """
     started = time.perf_counter()
     cache = empty_cache(model, layout)
+    cache.reserve(int(token_ids.numel()), chunk_tokens)
     runner = ModelRunner(model, cache)
     wants_observations = request.window_tokens > 0 or request.attention_sums
     recorder = ObservationRecorder(request, layout, total_tokens=int(token_ids.numel()))

@@ -216,9 +216,7 @@ def _check_meta_describes(meta: CacheMeta, cache: KVCache | QuantizedKVCache) ->
 def _to_device(cache: KVCache, device: torch.device) -> KVCache:
     if device.type == "cpu" and all(layer.keys.device.type == "cpu" for layer in cache.layers):
         return cache
-    for layer in cache.layers:
-        layer.keys, layer.values = layer.keys.to(device), layer.values.to(device)
-        layer.positions = layer.positions.to(device)
+    cache.layers = [layer.to(device) for layer in cache.layers]
     return cache
 
 

@@ -236,8 +236,8 @@ def test_padding_slots_do_not_change_logits(tiny_llama, arrangement):
                      num_tokens=result.cache.num_tokens)
     assert all(layer.is_ragged for layer in padded.layers)
     logits = ModelRunner(tiny_llama.model, padded).feed(parts.suffix_ids, logits_to_keep=question)
-    # the padded run takes the explicit-mask path, the reference the causal fast path: float noise only
-    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
+    # the padded run takes the explicit-mask path, the reference the past-plus-causal merge: float noise only
+    torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
     # decoding continues on the padded cache: one more token, same logits as without padding
     next_token = torch.tensor([int(reference[-1].argmax())])
     unpadded_cache = result.cache.clone()
