@@ -12,7 +12,7 @@ head are sorted by position, padding last; tokens appended later go after the pa
 Storage grows in place. A layer's slots live in a ``SlotBuffer`` with spare capacity; ``append`` writes into it
 and only reallocates (amortized growth) when it is full. Forks share the buffer and stay cheap: a layer may write
 in place only while nobody has written past its end (copy on first conflicting write), so a fork never sees
-another fork's tokens. Sliding-window layers drop old slots by moving their start (``trim_sliding``), which costs
+another fork's tokens. Sliding-window layers drop old slots by moving their start (``settle``), which costs
 nothing; the buffer is compacted when it next reallocates.
 
 Byte accounting: ``held_bytes`` is what the cache needs in memory while decoding (every slot, padding included, at
@@ -162,8 +162,9 @@ class LayerCache:
             buffer.valid[:, self._end:end] = True
         buffer.used = self._end = end
 
-    def trim_sliding(self) -> None:
-        """Keep only the last ``window - 1`` slots of a sliding-window layer (no copy; full layers: no-op)."""
+    def settle(self) -> None:
+        """After a forward pass: a sliding-window layer keeps only its last ``window - 1`` slots (no copy; full
+        layers: no-op)."""
         keep = self.spec.retained_tokens
         if keep is not None and self.slots > keep:
             self._start = self._end - keep
@@ -264,9 +265,10 @@ class KVCache:
             chunk = extra_slots if chunk_slots is None else min(chunk_slots, extra_slots)
             layer.reserve(extra_slots if keep is None else min(extra_slots, keep + chunk))
 
-    def trim_sliding(self) -> None:
+    def settle(self) -> None:
+        """After a forward pass: sliding layers drop what left the window, quantized layers quantize full groups."""
         for layer in self.layers:
-            layer.trim_sliding()
+            layer.settle()
 
     def fork(self) -> "KVCache":
         """A copy that shares storage: growing or trimming either leaves the other as it was. No tensor copies."""

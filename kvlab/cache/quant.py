@@ -9,8 +9,8 @@ as c * scale + zero, where zero is the group's minimum and scale = (max - min) /
   the most recent tokens stay in full precision (the residual), because the next queries attend to them most.
 
 Choices and deviations from the reference code (jy-yuan/KIVI), which quantizes a streaming cache on the GPU:
-  - Schemes ``int8`` and ``int4`` (KIVI's paper centres on 2 bits; we start at 4 where quality is near lossless).
-    int4 packs two codes per uint8 byte (even channel in the low nibble).
+  - Schemes ``int8``, ``int4`` and ``int2`` (KIVI's paper centres on 2 bits). int4 packs two codes per uint8 byte
+    (even channel in the low nibble), int2 four (channel 4k + i in bits 2i and 2i + 1).
   - One token split serves keys and values: per head, the oldest ``q`` valid tokens are quantized, where ``q`` is
     the largest multiple of ``group_size`` not exceeding ``valid - residual_tokens``; the rest (between
     ``residual_tokens`` and ``residual_tokens + group_size - 1`` tokens, or all of them in a short head) is the
@@ -39,7 +39,7 @@ from kvlab.cache.kvcache import PADDING_POSITION, KVCache, LayerCache
 from kvlab.cache.layout import LayerSpec
 from kvlab.errors import ParameterError
 
-SCHEME_BITS = {"int8": 8, "int4": 4}
+SCHEME_BITS = {"int8": 8, "int4": 4, "int2": 2}
 DEFAULT_GROUP_SIZE = 32
 DEFAULT_RESIDUAL_TOKENS = 32
 SCALE_DTYPE = torch.float16
@@ -77,7 +77,7 @@ class QuantizationParams:
 @dataclass
 class QuantizedLayer:
     """One layer. H = kv_heads, S = slots, D = head_dim, Q = quantized slots (a multiple of group_size), R = residual
-    slots, D' = D (int8) or ceil(D / 2) (int4), G = ceil(D / group_size) value groups per token.
+    slots, D' = ceil(D * bits / 8), G = ceil(D / group_size) value groups per token.
 
     positions (H, S) int64 exactly as in the source LayerCache; key_codes, value_codes (H, Q, D') uint8;
     key_scales, key_zeros (H, Q / group_size, D) fp16; value_scales, value_zeros (H, Q, G) fp16;
@@ -158,7 +158,7 @@ def expected_shapes(spec: LayerSpec, positions: torch.Tensor, params: Quantizati
     valid, quantized = split_counts(positions, params)
     q_slots = int(quantized.max()) if heads else 0
     r_slots = int((valid - quantized).max()) if heads else 0
-    packed = dim if params.bits == 8 else math.ceil(dim / 2)
+    packed = packed_width(dim, params.bits)
     return {
         "positions": (heads, positions.shape[-1]),
         "key_codes": (heads, q_slots, packed), "value_codes": (heads, q_slots, packed),
@@ -178,18 +178,18 @@ def quantize_cache(cache: KVCache, scheme: str, group_size: int = DEFAULT_GROUP_
     """
     params = QuantizationParams(scheme, group_size, residual_tokens)
     dtype = cache.layers[0].keys.dtype if cache.layers else torch.float32
-    layers = [_quantize_layer(layer, params) for layer in cache.layers]
+    layers = [quantize_layer(layer, params) for layer in cache.layers]
     return QuantizedKVCache(layers=layers, num_tokens=cache.num_tokens, params=params, dtype=dtype)
 
 
 def dequantize_cache(quantized: QuantizedKVCache) -> KVCache:
     """The KVCache back: same layers, positions and slot shapes, in the source dtype; padding slots are zeros."""
-    layers = [_dequantize_layer(layer, quantized.params, quantized.dtype) for layer in quantized.layers]
+    layers = [dequantize_layer(layer, quantized.params, quantized.dtype) for layer in quantized.layers]
     return KVCache(layers=layers, num_tokens=quantized.num_tokens)
 
 
 # -- one layer ---------------------------------------------------------------------------------------------------
-def _quantize_layer(layer: LayerCache, params: QuantizationParams) -> QuantizedLayer:
+def quantize_layer(layer: LayerCache, params: QuantizationParams) -> QuantizedLayer:
     heads, slots, dim = layer.keys.shape
     valid, quantized = split_counts(layer.positions, params)
     front = _front_mask(valid, slots)
@@ -204,21 +204,21 @@ def _quantize_layer(layer: LayerCache, params: QuantizationParams) -> QuantizedL
     in_quantized = torch.arange(q_slots, device=keys.device)[None, :] < quantized[:, None]
     key_block = keys[:, :q_slots].float() * in_quantized[..., None]
     value_block = values[:, :q_slots].float() * in_quantized[..., None]
-    key_codes, key_scales, key_zeros = _quantize_keys(key_block, params)
-    value_codes, value_scales, value_zeros = _quantize_values(value_block, params)
+    key_codes, key_scales, key_zeros = quantize_key_block(key_block, params)
+    value_codes, value_scales, value_zeros = quantize_value_block(value_block, params)
     residual_keys = _take_residual(keys, quantized, valid, r_slots)
     residual_values = _take_residual(values, quantized, valid, r_slots)
     return QuantizedLayer(layer.spec, layer.positions.clone(), key_codes, key_scales, key_zeros, value_codes,
                           value_scales, value_zeros, residual_keys, residual_values)
 
 
-def _dequantize_layer(layer: QuantizedLayer, params: QuantizationParams, dtype: torch.dtype) -> LayerCache:
+def dequantize_layer(layer: QuantizedLayer, params: QuantizationParams, dtype: torch.dtype) -> LayerCache:
     heads, slots = layer.positions.shape
     dim = layer.spec.head_dim
     valid, quantized = split_counts(layer.positions, params)
     group = params.group_size
-    key_codes = _unpack(layer.key_codes, params.bits, dim).float()
-    value_codes = _unpack(layer.value_codes, params.bits, dim).float()
+    key_codes = unpack_codes(layer.key_codes, params.bits, dim).float()
+    value_codes = unpack_codes(layer.value_codes, params.bits, dim).float()
     keys_q = key_codes * _expand(layer.key_scales, group, 1) + _expand(layer.key_zeros, group, 1)
     values_q = (value_codes * _expand(layer.value_scales, group, 2)[..., :dim]
                 + _expand(layer.value_zeros, group, 2)[..., :dim])
@@ -234,16 +234,16 @@ def _dequantize_layer(layer: QuantizedLayer, params: QuantizationParams, dtype: 
 
 
 # -- the arithmetic ----------------------------------------------------------------------------------------------
-def _quantize_keys(block: torch.Tensor, params: QuantizationParams):
+def quantize_key_block(block: torch.Tensor, params: QuantizationParams):
     """Per channel: block (H, Q, D) float32 → codes (H, Q, D'), scales and zeros (H, Q / group, D)."""
     heads, q_slots, dim = block.shape
     grouped = block.reshape(heads, q_slots // params.group_size, params.group_size, dim)
     scale, zero = _scale_and_zero(grouped.amin(dim=2), grouped.amax(dim=2), params.bits)
     codes = _encode(block, _expand(scale, params.group_size, 1), _expand(zero, params.group_size, 1), params.bits)
-    return _pack(codes, params.bits), scale, zero
+    return pack_codes(codes, params.bits), scale, zero
 
 
-def _quantize_values(block: torch.Tensor, params: QuantizationParams):
+def quantize_value_block(block: torch.Tensor, params: QuantizationParams):
     """Per token: block (H, Q, D) float32 → codes (H, Q, D'), scales and zeros (H, Q, ceil(D / group))."""
     heads, q_slots, dim = block.shape
     group = params.group_size
@@ -254,7 +254,7 @@ def _quantize_values(block: torch.Tensor, params: QuantizationParams):
     high = torch.nn.functional.pad(block, (0, width - dim), value=float("-inf")).reshape(grouped)
     scale, zero = _scale_and_zero(low.amin(dim=-1), high.amax(dim=-1), params.bits)
     codes = _encode(block, _expand(scale, group, 2)[..., :dim], _expand(zero, group, 2)[..., :dim], params.bits)
-    return _pack(codes, params.bits), scale, zero
+    return pack_codes(codes, params.bits), scale, zero
 
 
 def _scale_and_zero(minimum: torch.Tensor, maximum: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,20 +287,31 @@ def _expand(stats: torch.Tensor, group: int, dim: int) -> torch.Tensor:
     return stats.float().repeat_interleave(group, dim=dim)
 
 
-def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """int4: two codes per byte along the last dim (even index in the low nibble); int8: unchanged."""
+def packed_width(dim: int, bits: int) -> int:
+    """Bytes per row of ``dim`` codes at ``bits`` bits."""
+    return math.ceil(dim * bits / 8)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """8 / bits codes per byte along the last dim, code i of a byte in bits [bits * i, bits * (i + 1)) (int4: the
+    even channel in the low nibble); int8: unchanged."""
     if bits == 8:
         return codes
-    if codes.shape[-1] % 2:
-        codes = torch.nn.functional.pad(codes, (0, 1))
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+    per_byte = 8 // bits
+    if codes.shape[-1] % per_byte:
+        codes = torch.nn.functional.pad(codes, (0, per_byte - codes.shape[-1] % per_byte))
+    packed = codes[..., 0::per_byte].clone()
+    for index in range(1, per_byte):
+        packed |= codes[..., index::per_byte] << (bits * index)
+    return packed
 
 
-def _unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+def unpack_codes(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     if bits == 8:
         return packed
-    both = torch.stack([packed & 0x0F, packed >> 4], dim=-1)
-    return both.reshape(*packed.shape[:-1], 2 * packed.shape[-1])[..., :dim]
+    per_byte, low = 8 // bits, (1 << bits) - 1
+    parts = torch.stack([(packed >> (bits * index)) & low for index in range(per_byte)], dim=-1)
+    return parts.reshape(*packed.shape[:-1], per_byte * packed.shape[-1])[..., :dim]
 
 
 # -- slot bookkeeping --------------------------------------------------------------------------------------------

@@ -35,5 +35,5 @@ class ModelRunner:
                                                       STEP_KEYWORD: Step(self.cache, positions, observer)},
         )
         self.cache.num_tokens += count
-        self.cache.trim_sliding()
+        self.cache.settle()
         return output.logits[0, -logits_to_keep:].float() if logits_to_keep else None
