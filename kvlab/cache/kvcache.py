@@ -140,6 +140,11 @@ class LayerCache:
         """Bytes the storage occupies, spare capacity included."""
         return self._buffer.nbytes
 
+    def storages(self) -> list[torch.Tensor]:
+        """The tensors backing this layer (shared with its forks), for counting memory once across forks."""
+        buffer = self._buffer
+        return [t for t in (buffer.keys, buffer.values, buffer.positions, buffer.valid) if t is not None]
+
     # -- growth ----------------------------------------------------------------------------------------------------
     def reserve(self, extra_slots: int) -> None:
         """Make room for ``extra_slots`` appends without another reallocation (prefill knows its length)."""

@@ -125,6 +125,9 @@ class QuantizedLayerCache(LayerCache):
     def allocated_bytes(self) -> int:
         return sum(tensor.nbytes for tensor in self.codes.values()) + self.residual.allocated_bytes
 
+    def storages(self) -> list[torch.Tensor]:
+        return [*self.codes.values(), self.code_positions, *self.residual.storages()]
+
     # -- growth ----------------------------------------------------------------------------------------------------
     def reserve(self, extra_slots: int) -> None:
         self.residual.reserve(min(extra_slots, self.params.residual_tokens + self.params.group_size))

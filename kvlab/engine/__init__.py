@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -9,13 +10,16 @@ import torch
 from kvlab.cache.kvcache import KVCache
 from kvlab.cache.layout import layout_from_config
 from kvlab.cache.observations import ObservationRequest
-from kvlab.engine.attention import Observer
+from kvlab.cache.quant import QuantizationParams
+from kvlab.cache.quantized import quantize_in_memory
+from kvlab.engine.attention import Observer, install
 from kvlab.engine.compress import budget_from_ratio, compress
 from kvlab.engine.generate import Generation, decode
 from kvlab.engine.prefill import DEFAULT_CHUNK_TOKENS, PrefillResult, prefill
 from kvlab.engine.prompt import PromptParts, question_ids, split_prompt, stop_token_ids
 from kvlab.engine.runner import ModelRunner
 from kvlab.engine.sampling import Sampler, SamplingConfig
+from kvlab.engine.text import TextStream
 from kvlab.errors import BudgetError, ContextTooLongError, ParameterError
 from kvlab.models import LoadedModel
 from kvlab.policies.base import Policy
@@ -38,20 +42,42 @@ class Answer:
     kv_bytes_full: int
     kv_bytes_kept: int
     kv_bytes_allocated: int
+    kv_bytes_full_fp16: int
     prefill_s: float
     compress_s: float
     decode_s: float
     decode_tokens: int
+    kv_quant: str | None = None
     extra: dict = field(default_factory=dict)
 
     @property
     def decode_tokens_per_s(self) -> float:
         return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
+    @property
+    def compression(self) -> float:
+        """``kv_bytes_full_fp16 / kv_bytes_kept``: how many times smaller the held cache is than fp16 full."""
+        return compression(self.kv_bytes_full_fp16, self.kv_bytes_kept)
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data["decode_tokens_per_s"] = round(self.decode_tokens_per_s, 2)
+        data["compression"] = round(self.compression, 3)
         return data
+
+
+def compression(kv_bytes_full_fp16: int, kv_bytes_kept: int) -> float:
+    return kv_bytes_full_fp16 / kv_bytes_kept if kv_bytes_kept else float("inf")
+
+
+def memory_figures(kv_bytes_full: int, kv_bytes_kept: int, kv_bytes_full_fp16: int) -> dict:
+    """The byte figures every front end reports, under one set of names (see the README's definitions):
+    ``kv_bytes_full`` the uncompressed cache at the model's dtype, ``kv_bytes_kept`` what is held in memory while
+    decoding (quantized payload, scales and padding included), ``kv_bytes_full_fp16`` the uncompressed cache at 2
+    bytes per element, and ``compression`` = ``kv_bytes_full_fp16 / kv_bytes_kept``."""
+    return {"kv_bytes_full": int(kv_bytes_full), "kv_bytes_kept": int(kv_bytes_kept),
+            "kv_bytes_full_fp16": int(kv_bytes_full_fp16),
+            "compression": round(compression(kv_bytes_full_fp16, kv_bytes_kept), 3)}
 
 
 class Engine:
@@ -66,6 +92,7 @@ class Engine:
         self.layout = layout_from_config(self.model.config)
         self.chunk_tokens = chunk_tokens
         self.stop_ids = stop_token_ids(self.tokenizer, self.model)
+        install(self.model)
 
     # -- building blocks -------------------------------------------------------------------------------------
     def prompt(self, context: str, question: str, answer_prefix: str = "") -> PromptParts:
@@ -99,15 +126,19 @@ class Engine:
         return cache, budget, seconds
 
     def continue_and_decode(self, cache: KVCache, suffix_ids: torch.Tensor | None, first_logits: torch.Tensor | None,
-                            *, max_new_tokens: int, sampling: SamplingConfig) -> Generation:
-        """Prefill ``suffix_ids`` on top of ``cache`` (it grows in place), then decode."""
+                            *, max_new_tokens: int, sampling: SamplingConfig, stop: list[str] | None = None,
+                            on_text=None, check=None, ignore_eos: bool = False) -> Generation:
+        """Prefill ``suffix_ids`` on top of ``cache`` (it grows in place), then decode (``engine.generate.decode``:
+        ``stop`` strings, ``on_text`` deltas and a ``check`` callback are optional)."""
         runner = ModelRunner(self.model, cache)
         if suffix_ids is not None and suffix_ids.numel():
             first_logits = self._feed(runner, suffix_ids)
         if first_logits is None:
             raise ParameterError("nothing to continue from: give a non-empty question")
+        text = TextStream(self.tokenizer, stop) if stop is not None or on_text is not None else None
         return decode(runner, first_logits, max_new_tokens=max_new_tokens, sampler=Sampler(sampling),
-                      stop_token_ids=self.stop_ids)
+                      stop_token_ids=set() if ignore_eos else self.stop_ids, text=text, on_text=on_text,
+                      check=check)
 
     def feed(self, cache: KVCache, token_ids: torch.Tensor, observer: Observer | None = None) -> torch.Tensor:
         """Append ``token_ids`` (1-D) to ``cache`` in place, in chunks; return the last position's logits (vocab,)."""
@@ -124,11 +155,13 @@ class Engine:
     def ask(self, context: str, question: str, policy: Policy, *, ratio: float | None = None,
             budget_tokens: int | None = None, query_aware: bool = False, max_new_tokens: int = 64,
             sampling: SamplingConfig = SamplingConfig(), force: bool = False, progress: bool = False,
-            answer_prefix: str = "") -> Answer:
-        """Prefill ``context``, compress with ``policy``, answer ``question``.
+            answer_prefix: str = "", kv_quant: QuantizationParams | None = None,
+            ignore_eos: bool = False) -> Answer:
+        """Prefill ``context``, compress with ``policy`` (then quantize with ``kv_quant``), answer ``question``.
 
         Query-agnostic (default): the document is compressed before the question is seen, as when a cache is
         reused. Query-aware: the question is part of the prefix, so the policy's observation window is the question.
+        The full cache is freed before decoding starts.
         """
         if max_new_tokens < 1:
             raise ParameterError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
@@ -143,20 +176,27 @@ class Engine:
         else:
             result = self.prefill(parts.prefix_ids, request, progress)
             suffix, first_logits = parts.suffix_ids, None
-        full_bytes = result.cache.live_bytes
+        full_bytes, prefill_s = result.cache.held_bytes, result.seconds
         cache, budget, compress_s = self.compress(result, policy, ratio=ratio, budget_tokens=budget_tokens,
                                                   compressible_tokens=context_tokens)
-        kept_bytes, allocated_bytes, kept = cache.live_bytes, cache.allocated_bytes, context_kept_tokens(
+        del result  # frees the full cache (and the observations) before decoding
+        if kv_quant is not None:
+            started = time.perf_counter()
+            cache = quantize_in_memory(cache, kv_quant)
+            compress_s += time.perf_counter() - started
+        kept_bytes, allocated_bytes, kept = cache.held_bytes, cache.allocated_bytes, context_kept_tokens(
             cache, context_tokens)
+        full_fp16 = cache.kv_bytes_full_fp16
         generation = self.continue_and_decode(cache, suffix, first_logits, max_new_tokens=max_new_tokens,
-                                              sampling=sampling)
+                                              sampling=sampling, ignore_eos=ignore_eos)
         return Answer(
             answer=self.tokenizer.decode(generation.token_ids, skip_special_tokens=True).strip(),
             token_ids=generation.token_ids, policy=policy.name, policy_params=policy.params(),
             query_aware=query_aware, ratio=ratio, budget_tokens=budget, context_tokens=context_tokens,
             question_tokens=int(parts.suffix_ids.numel()), kept_tokens=kept, kv_bytes_full=full_bytes,
-            kv_bytes_kept=kept_bytes, kv_bytes_allocated=allocated_bytes, prefill_s=result.seconds,
-            compress_s=compress_s, decode_s=generation.seconds, decode_tokens=len(generation.token_ids),
+            kv_bytes_kept=kept_bytes, kv_bytes_allocated=allocated_bytes, kv_bytes_full_fp16=full_fp16,
+            prefill_s=prefill_s, compress_s=compress_s, decode_s=generation.seconds,
+            decode_tokens=len(generation.token_ids), kv_quant=None if kv_quant is None else kv_quant.scheme,
             extra={"stopped_by": generation.stopped_by},
         )
 
@@ -179,4 +219,5 @@ def context_kept_tokens(cache: KVCache, context_tokens: int) -> float:
     return float(torch.stack(counts).mean()) if counts else float(context_tokens)
 
 
-__all__ = ["Answer", "Engine", "PrefillResult", "SamplingConfig", "context_kept_tokens", "resolve_budget"]
+__all__ = ["Answer", "Engine", "PrefillResult", "SamplingConfig", "compression", "context_kept_tokens",
+           "memory_figures", "resolve_budget"]

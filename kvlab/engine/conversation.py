@@ -1,9 +1,11 @@
 """Multi-turn questions over one (compressed) document cache.
 
 Each turn appends the question to the cache, decodes the answer and leaves the answer in the cache, so the next
-question sees the conversation so far. When the cache outgrows its budget by more than ``headroom`` the policy
-compresses it again, scoring with what the newest turn's tokens observed (their queries form the observation
-window; H2O's sums cover them only). The newest question is never evicted.
+question sees the conversation so far. The conversation rule (``CompressionRule``), the same for ``kvlab chat``,
+``ask --cache`` and the server's document sessions: when the cache outgrows its budget by more than ``headroom``
+the policy compresses it again, scoring with what the newest turn's tokens observed (their queries form the
+observation window; H2O's sums cover them only), and a quantized cache is quantized again. The newest question is
+never evicted.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from dataclasses import dataclass, field
 import torch
 
 from kvlab.cache.kvcache import KVCache
+from kvlab.cache.layout import LayerSpec
 from kvlab.cache.observations import ObservationRequest, Observations
+from kvlab.cache.quant import QuantizationParams
+from kvlab.cache.quantized import quantize_in_memory
 from kvlab.engine.compress import compress
 from kvlab.engine.observe import ObservationRecorder
 from kvlab.engine.sampling import SamplingConfig
@@ -23,6 +28,44 @@ from kvlab.errors import ParameterError
 from kvlab.policies.base import Policy
 
 DEFAULT_HEADROOM = 0.25  # fraction above the budget a cache may grow before it is compressed again
+
+
+@dataclass(frozen=True)
+class CompressionRule:
+    """When and how a growing cache is compressed again: past ``budget_tokens * (1 + headroom)`` kept tokens per
+    head, ``policy`` brings it back to ``budget_tokens``; ``kv_quant`` re-quantizes the result."""
+
+    policy: Policy
+    budget_tokens: int
+    headroom: float = DEFAULT_HEADROOM
+    kv_quant: QuantizationParams | None = None
+
+    def __post_init__(self) -> None:
+        if self.headroom < 0:
+            raise ParameterError(f"headroom must be >= 0 (got {self.headroom})")
+
+    def recorder(self, layout: list[LayerSpec], cache_tokens: int, new_tokens: int) -> ObservationRecorder | None:
+        """What the ``new_tokens`` fed on top of ``cache_tokens`` must observe for a re-compression (or None)."""
+        request = self.policy.observation_request()
+        if not (request.window_tokens or request.attention_sums) or self.policy.name == "full":
+            return None
+        window = ObservationRequest(min(request.window_tokens or new_tokens, new_tokens), request.attention_sums)
+        return ObservationRecorder(window, layout, total_tokens=cache_tokens + new_tokens)
+
+    def over_budget(self, cache: KVCache) -> bool:
+        if self.policy.name == "full":
+            return False
+        return cache.kept_tokens() > math.floor(self.budget_tokens * (1 + self.headroom))
+
+    def apply(self, cache: KVCache, observations: Observations, protected_from: int) -> tuple[KVCache, float]:
+        """Compress ``cache`` back to the budget; tokens at or after ``protected_from`` (the newest question) stay.
+        Returns (new cache, seconds)."""
+        started = time.perf_counter()
+        compressed, _ = compress(cache.dense(), self.policy, observations, budget_tokens=self.budget_tokens,
+                                 compressible_tokens=protected_from)
+        if self.kv_quant is not None:
+            compressed = quantize_in_memory(compressed, self.kv_quant)
+        return compressed, time.perf_counter() - started
 
 
 @dataclass
@@ -46,23 +89,23 @@ class Conversation:
     """Questions asked in order over ``cache`` (it is forked, never changed).
 
     ``turns_before`` counts answers already in the cache (a saved chat); ``pending_ids`` are answer tokens sampled
-    but not yet fed (the last token of an answer cut at ``max_new_tokens``). Without ``policy`` or
-    ``budget_tokens`` the cache only grows.
+    but not yet fed (the last token of an answer cut at ``max_new_tokens``). Without ``rule`` the cache only
+    grows.
     """
 
     engine: object
     cache: KVCache
-    policy: Policy | None = None
-    budget_tokens: int | None = None
-    headroom: float = DEFAULT_HEADROOM
+    rule: CompressionRule | None = None
     turns_before: int = 0
     pending_ids: list[int] = field(default_factory=list)
     turns: list[Turn] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.headroom < 0:
-            raise ParameterError(f"headroom must be >= 0 (got {self.headroom})")
         self.cache = self.cache.fork()
+
+    @property
+    def policy(self) -> Policy | None:
+        return None if self.rule is None else self.rule.policy
 
     @property
     def answered(self) -> int:
@@ -82,10 +125,9 @@ class Conversation:
         first_logits, observations = self._feed(new_ids)
         question_s = time.perf_counter() - started
         compress_s, recompressed = 0.0, False
-        if self._over_budget():
-            self.cache, compress_s = compress(self.cache, self.policy, observations,
-                                              budget_tokens=self.budget_tokens,
-                                              compressible_tokens=self.cache.num_tokens - int(new_ids.numel()))
+        if self.rule is not None and self.rule.over_budget(self.cache):
+            self.cache, compress_s = self.rule.apply(self.cache, observations,
+                                                     self.cache.num_tokens - int(new_ids.numel()))
             recompressed = True
         generation = engine.continue_and_decode(self.cache, None, first_logits, max_new_tokens=max_new_tokens,
                                                 sampling=sampling)
@@ -102,15 +144,7 @@ class Conversation:
     def _feed(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, Observations]:
         """Append ``token_ids``; return the last logits and what their queries observed (for re-compression)."""
         count = int(token_ids.numel())
-        request = self.policy.observation_request() if self.policy is not None else ObservationRequest()
-        recorder = None
-        if request.window_tokens or request.attention_sums:
-            window = ObservationRequest(min(request.window_tokens or count, count), request.attention_sums)
-            recorder = ObservationRecorder(window, self.engine.layout, total_tokens=self.cache.num_tokens + count)
+        recorder = None if self.rule is None else self.rule.recorder(self.engine.layout, self.cache.num_tokens,
+                                                                     count)
         logits = self.engine.feed(self.cache, token_ids, observer=recorder)
         return logits, recorder.observations if recorder is not None else Observations()
-
-    def _over_budget(self) -> bool:
-        if self.policy is None or self.budget_tokens is None or self.policy.name == "full":
-            return False
-        return self.cache.kept_tokens() > math.floor(self.budget_tokens * (1 + self.headroom))

@@ -12,7 +12,7 @@ and the first otherwise (for example after a stop string cut the answer, or when
 A document's own cache is the entry with no ids after it.
 
 Bounded by entries and by bytes: least recently used entries go first. ``kv_bytes`` counts the storage of every
-key, value and position tensor once, even when entries share tensors (a fork shares its parent's).
+tensor behind a cache once, even when entries share tensors (a fork shares its parent's).
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class PrefixCache:
         storages: dict[int, int] = {}
         for entry in self._entries.values():
             for layer in entry.cache.layers:
-                for tensor in (layer.keys, layer.values, layer.positions):
+                for tensor in layer.storages():
                     storage = tensor.untyped_storage()
                     storages[storage.data_ptr()] = storage.nbytes()
         return sum(storages.values())

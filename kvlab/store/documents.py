@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvlab.cache.quant import QuantizationParams, quantize_cache
-from kvlab.engine import Engine, resolve_budget
-from kvlab.engine.conversation import Conversation
+from kvlab.engine import Engine, memory_figures, resolve_budget
+from kvlab.cache.quantized import from_stored, quantization_of
+from kvlab.engine.conversation import CompressionRule, Conversation
 from kvlab.errors import CorruptCacheError, KvlabError, MissingCacheFileError, ParameterError
 from kvlab.fileio import atomic_write
 from kvlab.models.fingerprint import tokenizer_fingerprint
@@ -39,6 +40,7 @@ class CompressedDocument:
     kept_tokens: float
     kv_bytes_full: int
     kv_bytes_kept: int
+    kv_bytes_full_fp16: int
     file_bytes: int
     prefill_s: float
     compress_s: float
@@ -73,23 +75,27 @@ def compress_document(engine: Engine, text: str, policy: Policy, *, ratio: float
             pass  # damaged (or removed meanwhile): compute it again and replace it, as the error tells users to do
     result = engine.prefill(prefix_ids, policy.observation_request(), progress=progress)
     cache, budget, compress_s = engine.compress(result, policy, budget_tokens=budget)
+    full_bytes, last_logits, prefill_s = result.cache.held_bytes, result.last_logits, result.seconds
+    del result  # the full cache is freed before the file is written
     stored = cache if quantization is None else quantize_cache(cache, quantization.scheme, quantization.group_size,
                                                                 quantization.residual_tokens)
+    held = from_stored(stored).held_bytes if quantization is not None else cache.held_bytes
     meta = meta_for(engine.loaded, stored, text=text, policy=policy, ratio=ratio, budget_tokens=budget,
                     query_aware=False, context_tokens=context_tokens,
-                    extra={"kv_bytes_full": result.cache.live_bytes, "kv_bytes_kept": cache.live_bytes,
-                           "kv_bytes_stored": stored.nbytes if quantization else cache.live_bytes,
-                           "prefill_s": result.seconds, "compress_s": compress_s, "turns": 0,
+                    extra={**memory_figures(full_bytes, held, cache.kv_bytes_full_fp16),
+                           "kv_bytes_stored": stored.nbytes if quantization else cache.held_bytes,
+                           "prefill_s": prefill_s, "compress_s": compress_s, "turns": 0,
                            "pending_token_ids": []})
-    path = store.put(key, lambda temporary: save_cache(temporary, stored, meta, result.last_logits))
-    return _describe(path, key, False, meta, cache.kept_tokens(), path.stat().st_size, result.seconds, compress_s)
+    path = store.put(key, lambda temporary: save_cache(temporary, stored, meta, last_logits))
+    return _describe(path, key, False, meta, cache.kept_tokens(), path.stat().st_size, prefill_s, compress_s)
 
 
 def _describe(path: Path, key: str, from_store: bool, meta: CacheMeta, kept_tokens: float, file_bytes: int,
               prefill_s: float, compress_s: float) -> CompressedDocument:
     return CompressedDocument(path=Path(path), key=key, from_store=from_store, context_tokens=meta.context_tokens,
                               kept_tokens=kept_tokens, kv_bytes_full=int(meta.extra.get("kv_bytes_full", 0)),
-                              kv_bytes_kept=int(meta.extra.get("kv_bytes_stored", 0)), file_bytes=file_bytes,
+                              kv_bytes_kept=int(meta.extra.get("kv_bytes_kept", 0)),
+                              kv_bytes_full_fp16=int(meta.extra.get("kv_bytes_full_fp16", 0)), file_bytes=file_bytes,
                               prefill_s=prefill_s, compress_s=compress_s)
 
 
@@ -127,7 +133,8 @@ def conversation_for(engine: Engine, loaded: LoadedCache, policy: Policy | None 
         raise ParameterError("this cache was compressed query-aware: it already holds a question, so it cannot "
                              "start a conversation; compress the document with `kvlab compress` instead")
     policy = policy or make_policy(meta.policy, **meta.policy_params)
-    return Conversation(engine, loaded.cache, policy=policy, budget_tokens=meta.budget_tokens,
+    rule = CompressionRule(policy, meta.budget_tokens, kv_quant=quantization_of(loaded.cache))
+    return Conversation(engine, loaded.cache, rule=rule,
                         turns_before=int(meta.extra.get("turns", 0)),
                         pending_ids=[int(token) for token in meta.extra.get("pending_token_ids", [])])
 
@@ -139,13 +146,19 @@ def save_conversation(path: str | Path, engine: Engine, conversation: Conversati
     if conversation.answered == 0:
         raise ParameterError("nothing to save yet: ask a question first")
     meta = loaded.meta
+    cache = conversation.cache
+    quantization = quantization_of(cache)
+    # a quantized chat is saved quantized (its dense form re-encoded with the same scheme), never expanded on disk
+    stored = cache if quantization is None else quantize_cache(cache.dense(), quantization.scheme,
+                                                                quantization.group_size, quantization.residual_tokens)
     extra = {**meta.extra, "turns": conversation.answered, "pending_token_ids": conversation.pending_ids,
-             "kv_bytes_stored": conversation.cache.live_bytes}
+             **memory_figures(int(meta.extra.get("kv_bytes_full", 0)), cache.held_bytes, cache.kv_bytes_full_fp16),
+             "kv_bytes_stored": stored.nbytes if quantization else cache.held_bytes}
     extra.pop("load_s", None)
-    new_meta = dataclasses.replace(meta, num_tokens=conversation.cache.num_tokens, quantization=None,
-                                   dtype=str(conversation.cache.layers[0].keys.dtype).removeprefix("torch."),
-                                   extra=extra, payload_sha256="")
+    dtype = cache.layers[0].dense().keys.dtype if quantization is None else stored.dtype
+    new_meta = dataclasses.replace(meta, num_tokens=cache.num_tokens, quantization=quantization,
+                                   dtype=str(dtype).removeprefix("torch."), extra=extra, payload_sha256="")
     try:
-        return save_cache(path, conversation.cache, new_meta, None)
+        return save_cache(path, stored, new_meta, None)
     except OSError as error:
         raise KvlabError(f"cannot write {path}: {error.strerror}") from None

@@ -21,7 +21,8 @@ import safetensors.torch
 import torch
 
 from kvlab.cache.kvcache import KVCache
-from kvlab.cache.quant import QuantizedKVCache, dequantize_cache
+from kvlab.cache.quant import QuantizedKVCache
+from kvlab.cache.quantized import from_stored
 from kvlab.errors import (CacheChecksumError, CacheMismatchError, CorruptCacheError, MissingCacheFileError,
                           ParameterError)
 from kvlab.models import LoadedModel
@@ -39,8 +40,9 @@ MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
 
 @dataclass
 class LoadedCache:
-    """A verified cache: ``cache`` is dequantized when the file is quantized; ``last_logits`` (vocab,) fp32 or None;
-    ``file_bytes`` is the file's size on disk."""
+    """A verified cache, ready to decode on: a quantized file's full-attention layers stay quantized in memory
+    (``cache.quantized.QuantizedLayerCache``); ``last_logits`` (vocab,) fp32 or None; ``file_bytes`` is the file's
+    size on disk."""
 
     cache: KVCache
     meta: CacheMeta
@@ -111,7 +113,7 @@ def load_cache(path: str | Path, *, expected_model_fingerprint: str | None = Non
                                  f"{RECREATE}")
     cache, last_logits = tensors_to_cache(meta, tensors, str(path))
     if isinstance(cache, QuantizedKVCache):
-        cache = dequantize_cache(cache)
+        cache = from_stored(cache)  # full-attention layers stay quantized in memory: nothing is expanded
     cache = _to_device(cache, torch.device(device))
     logits = None if last_logits is None else last_logits.to(device)
     return LoadedCache(cache=cache, meta=meta, last_logits=logits, file_bytes=size)

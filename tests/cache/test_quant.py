@@ -211,8 +211,8 @@ def test_bytes_at_smollm2_shapes(scheme, fp16_ratio, fp32_ratio):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"scheme": "int2"}, "int8, int4"),
-    ({"scheme": "fp8"}, "int8, int4"),
+    ({"scheme": "int3"}, "int8, int4, int2"),
+    ({"scheme": "fp8"}, "int8, int4, int2"),
     ({"scheme": "int8", "group_size": 0}, "positive integer"),
     ({"scheme": "int8", "group_size": -4}, "positive integer"),
     ({"scheme": "int8", "group_size": 1.5}, "positive integer"),

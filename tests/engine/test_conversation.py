@@ -7,7 +7,7 @@ import torch
 
 from kvlab.bench.haystack import build_haystack
 from kvlab.engine import Engine, SamplingConfig
-from kvlab.engine.conversation import DEFAULT_HEADROOM, Conversation
+from kvlab.engine.conversation import DEFAULT_HEADROOM, CompressionRule, Conversation
 from kvlab.engine.prompt import question_text, split_prompt
 from kvlab.errors import ParameterError
 from kvlab.policies import make_policy
@@ -23,7 +23,8 @@ def start(engine: Engine, text: str, policy_name: str = "full", ratio: float = 0
     policy = make_policy(policy_name)
     result = engine.prefill(engine.prompt(text, "").prefix_ids, policy.observation_request())
     cache, budget, _ = engine.compress(result, policy, ratio=ratio)
-    return Conversation(engine, cache, policy=policy, budget_tokens=budget, **kwargs)
+    headroom = kwargs.pop("headroom", DEFAULT_HEADROOM)
+    return Conversation(engine, cache, rule=CompressionRule(policy, budget, headroom), **kwargs)
 
 
 def reference_answer(engine: Engine, token_ids: list[int], max_new_tokens: int) -> list[int]:
@@ -102,7 +103,7 @@ def test_the_follow_up_glue_is_the_chat_template(llama):
 @pytest.mark.parametrize("policy_name", ["snapkv", "h2o", "adakv", "streaming_llm"])
 def test_recompression_keeps_the_budget_plus_the_newest_question(llama, policy_name):
     conversation = start(llama, document_text(llama, 300), policy_name, ratio=0.25)
-    budget = conversation.budget_tokens
+    budget = conversation.rule.budget_tokens
     limit = int(budget * (1 + DEFAULT_HEADROOM))
     outcomes = []
     for index in range(7):
@@ -124,15 +125,15 @@ def test_recompression_keeps_the_budget_plus_the_newest_question(llama, policy_n
 
 def test_full_never_recompresses(llama):
     conversation = start(llama, document_text(llama, 100), "full")
-    conversation.budget_tokens = 1
+    conversation.rule = CompressionRule(conversation.rule.policy, budget_tokens=1)
     for index in range(3):
         assert not conversation.ask(f"Question {index}?", max_new_tokens=3).recompressed
     assert conversation.cache.kept_tokens() == conversation.cache.num_tokens
 
 
-def test_without_a_budget_the_cache_only_grows(llama):
+def test_without_a_rule_the_cache_only_grows(llama):
     conversation = start(llama, document_text(llama, 100), "snapkv", ratio=0.5)
-    conversation.budget_tokens = None
+    conversation.rule = None
     kept = [conversation.ask(f"Question {index}?", max_new_tokens=3).kept_tokens for index in range(3)]
     assert kept == sorted(kept) and len(set(kept)) == 3
 
@@ -143,7 +144,7 @@ def test_the_given_cache_is_not_changed(llama):
     result = llama.prefill(llama.prompt(text, "").prefix_ids, policy.observation_request())
     cache, budget, _ = llama.compress(result, policy, ratio=0.5)
     positions = [layer.positions.clone() for layer in cache.layers]
-    conversation = Conversation(llama, cache, policy=policy, budget_tokens=budget, headroom=0.0)
+    conversation = Conversation(llama, cache, rule=CompressionRule(policy, budget, headroom=0.0))
     for index in range(2):
         conversation.ask(f"Question {index}?", max_new_tokens=3)
     assert cache.num_tokens == result.cache.num_tokens
@@ -172,7 +173,7 @@ def smol(smollm2):
 
 def smol_conversation(smol, first: str, second: str):
     engine, _, result = smol
-    conversation = Conversation(engine, result.cache, policy=make_policy("full"))
+    conversation = Conversation(engine, result.cache)
     return conversation.ask(first, max_new_tokens=16), conversation.ask(second, max_new_tokens=16)
 
 

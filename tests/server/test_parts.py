@@ -6,7 +6,7 @@ import torch
 
 from kvlab.cache.kvcache import KVCache
 from kvlab.engine.prefill import empty_cache
-from kvlab.server.generation import TextStream
+from kvlab.engine.text import TextStream
 from kvlab.server.metrics import Metrics, parse
 from kvlab.server.sessions import PrefixCache
 
