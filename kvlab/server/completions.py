@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from kvlab.engine.sampling import SamplingConfig
 from kvlab.server.errors import ApiError, error_body
+from kvlab.engine import compression
 from kvlab.server.generation import Options, Result, generate
 from kvlab.server.library import document_path
 from kvlab.server.prompts import Prompt, chat_token_ids, completion_token_ids, document_chat_token_ids
@@ -133,8 +134,10 @@ def _usage(result: Result) -> dict:
 
 def _stats(result: Result) -> dict:
     return KvlabStats(document_id=result.document_id, prefilled_tokens=result.prefilled_tokens,
-                      cached_tokens=result.cached_tokens, kv_bytes=result.kv_bytes,
-                      prefill_s=round(result.prefill_s, 6), decode_s=round(result.decode_s, 6),
+                      cached_tokens=result.cached_tokens, kv_bytes=result.kv_bytes, kv_bytes_kept=result.kv_bytes,
+                      kv_bytes_full_fp16=result.kv_bytes_full_fp16,
+                      compression=round(compression(result.kv_bytes_full_fp16, result.kv_bytes), 3),
+                      recompressed=result.recompressed, prefill_s=round(result.prefill_s, 6), decode_s=round(result.decode_s, 6),
                       queue_s=round(result.queue_s, 6)).model_dump()
 
 

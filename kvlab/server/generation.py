@@ -1,8 +1,9 @@
 """One generation on the worker thread: find the longest cached prefix, prefill the rest, decode step by step.
 
-Decoding is done here, not by ``engine.generate.decode``, because a server needs three things between steps: text
-deltas for streaming (incremental detokenization that never splits a UTF-8 character), stop strings (text held back
-while it could still become one, and cut before it), and ``job.check()`` so a disconnect or timeout stops the work.
+Decoding is ``engine.generate.decode``, the loop ``kvlab ask`` and ``kvlab chat`` use, given the three things a
+server needs between steps: text deltas for streaming, stop strings, and ``job.check()`` so a disconnect or timeout
+stops the work. A document session follows the conversation rule of ``kvlab chat`` (``CompressionRule``): once the
+conversation outgrows the document's budget by the headroom, the document's policy compresses it again.
 """
 
 from __future__ import annotations
@@ -12,9 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
+from kvlab.cache.observations import Observations
+from kvlab.engine.generate import decode
+from kvlab.engine.observe import ObservationRecorder
 from kvlab.engine.prefill import empty_cache
 from kvlab.engine.runner import ModelRunner
 from kvlab.engine.sampling import Sampler, SamplingConfig
+from kvlab.engine.text import TextStream
 from kvlab.errors import ContextTooLongError
 from kvlab.server.library import load_into_sessions
 from kvlab.server.prompts import Prompt
@@ -42,9 +47,11 @@ class Result:
     cached_tokens: int
     completion_tokens: int
     kv_bytes: int
+    kv_bytes_full_fp16: int
     prefill_s: float
     decode_s: float
     queue_s: float
+    recompressed: bool = False
 
     @property
     def prefilled_tokens(self) -> int:
@@ -62,29 +69,43 @@ def generate(state: ServerState, job: Job, prompt: Prompt, options: Options, sub
         entry = load_into_sessions(state, document_id)
     if entry is None:
         entry = Entry("", (), empty_cache(state.engine.model, state.engine.layout), 0, None)
-    document_tokens = entry.cache.num_tokens - entry.fed_tokens
+    document_tokens = entry.document_tokens
     prompt_tokens = document_tokens + len(ids)
     max_new_tokens = _max_new_tokens(state, prompt_tokens, options.max_new_tokens)
 
     started = time.perf_counter()
     cache = entry.cache.fork()
     runner = ModelRunner(state.engine.model, cache)
-    logits = _feed(runner, ids[entry.fed_tokens:], job, state.settings.chunk_tokens, entry.last_logits)
+    new_ids = ids[entry.fed_tokens:]
+    recorder = None if entry.rule is None or not new_ids else entry.rule.recorder(
+        state.engine.layout, cache.num_tokens, len(new_ids))
+    logits = _feed(runner, new_ids, job, state.settings.chunk_tokens, entry.last_logits, recorder)
+    recompressed = False
+    if entry.rule is not None and new_ids and entry.rule.over_budget(cache):
+        observations = recorder.observations if recorder is not None else Observations()
+        cache, _ = entry.rule.apply(cache, observations, protected_from=cache.num_tokens - len(new_ids))
+        runner, recompressed = ModelRunner(state.engine.model, cache), True
+        state.metrics.inc("kvlab_session_recompressions_total")
     prefill_s = time.perf_counter() - started
     cached_tokens = document_tokens + entry.fed_tokens
-    if len(ids) > entry.fed_tokens:
-        state.sessions.put(document_id, ids, cache.fork(), len(ids), logits)
+    if new_ids:
+        state.sessions.put(document_id, ids, cache.fork(), len(ids), logits, rule=entry.rule)
     state.metrics.inc("kvlab_prefix_cache_hits_total" if cached_tokens else "kvlab_prefix_cache_misses_total")
     job.emit("start", {"prompt_tokens": prompt_tokens, "cached_tokens": cached_tokens})
 
-    started = time.perf_counter()
-    tokens, finish_reason, stop_token, text = _decode(state, job, runner, logits, max_new_tokens, options)
-    decode_s = time.perf_counter() - started
+    stop_ids = set() if options.ignore_eos else state.engine.stop_ids
+    generation = decode(runner, logits, max_new_tokens=max_new_tokens, sampler=Sampler(options.sampling),
+                        stop_token_ids=stop_ids, text=TextStream(state.engine.tokenizer, options.stop),
+                        on_text=lambda delta: job.emit("delta", delta), check=job.check)
+    tokens, stop_token = generation.token_ids, generation.stop_token
+    state.metrics.inc("kvlab_generated_tokens_total", len(tokens) + (stop_token is not None))
     if tokens or stop_token is not None:
         state.sessions.put(document_id, ids + tokens + ([stop_token] if stop_token is not None else []),
-                           cache.fork(), cache.num_tokens - document_tokens)
-    result = Result(text, finish_reason, prompt.document_id, prompt_tokens, cached_tokens, len(tokens),
-                    cache.live_bytes, prefill_s, decode_s, queue_s)
+                           cache.fork(), cache.num_tokens - document_tokens, rule=entry.rule)
+    finish_reason = "length" if generation.stopped_by == "max_new_tokens" else "stop"
+    result = Result(generation.text or "", finish_reason, prompt.document_id, prompt_tokens, cached_tokens,
+                    len(tokens), cache.held_bytes, cache.kv_bytes_full_fp16, prefill_s, generation.seconds, queue_s,
+                    recompressed)
     _count(state, result)
     return result
 
@@ -103,45 +124,13 @@ def _max_new_tokens(state: ServerState, prompt_tokens: int, requested: int | Non
 
 
 def _feed(runner: ModelRunner, token_ids: list[int], job: Job, chunk_tokens: int,
-          cached_logits: torch.Tensor | None) -> torch.Tensor:
+          cached_logits: torch.Tensor | None, recorder: ObservationRecorder | None) -> torch.Tensor:
     logits = cached_logits
     for start in range(0, len(token_ids), chunk_tokens):
         job.check()
-        logits = runner.feed(torch.tensor(token_ids[start:start + chunk_tokens], dtype=torch.long))[-1]
+        logits = runner.feed(torch.tensor(token_ids[start:start + chunk_tokens], dtype=torch.long),
+                             observer=recorder)[-1]
     return logits
-
-
-def _decode(state: ServerState, job: Job, runner: ModelRunner, logits: torch.Tensor, max_new_tokens: int,
-            options: Options) -> tuple[list[int], str, int | None, str]:
-    """Sample up to ``max_new_tokens``; returns (tokens, finish reason, stop token or None, text)."""
-    sampler = Sampler(options.sampling)
-    stop_ids = set() if options.ignore_eos else state.engine.stop_ids
-    stream = TextStream(state.engine.tokenizer, options.stop)
-    tokens: list[int] = []
-    finish_reason, stop_token = "length", None
-    for step in range(max_new_tokens):
-        token = sampler(logits)
-        state.metrics.inc("kvlab_generated_tokens_total")
-        if token in stop_ids:
-            finish_reason, stop_token = "stop", token
-            break
-        tokens.append(token)
-        stream.push(token)
-        if stream.stopped:
-            finish_reason = "stop"
-            break
-        delta = stream.take()
-        if delta:
-            job.emit("delta", delta)
-        if step + 1 == max_new_tokens:
-            break
-        job.check()
-        logits = runner.feed(torch.tensor([token], dtype=torch.long))[-1]
-    stream.finish()
-    delta = stream.take(final=True)
-    if delta:
-        job.emit("delta", delta)
-    return tokens, finish_reason, stop_token, stream.text
 
 
 def _count(state: ServerState, result: Result) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from kvlab.engine.conversation import CompressionRule
 from kvlab.server.errors import ApiError
 from kvlab.server.schemas import Document, DocumentRequest
 from kvlab.server.sessions import Entry
@@ -34,8 +35,20 @@ def load_into_sessions(state: ServerState, document_id: str) -> Entry:
 
     loaded = open_document(state.engine, str(document_path(state, document_id, "kvlab.document_id")))
     state.metrics.inc("kvlab_document_loads_total")
-    state.sessions.put(document_id, (), loaded.cache, 0)
-    return Entry(document_id, (), loaded.cache, 0, None)
+    rule = session_rule(loaded.meta, loaded.cache)
+    state.sessions.put(document_id, (), loaded.cache, 0, rule=rule)
+    return Entry(document_id, (), loaded.cache, 0, None, rule)
+
+
+def session_rule(meta: CacheMeta, cache) -> CompressionRule | None:
+    """The conversation rule of a document's sessions: its own policy and budget, as `kvlab chat` uses them."""
+    from kvlab.cache.quantized import quantization_of
+    from kvlab.policies import make_policy
+
+    if meta.policy == "full":
+        return None
+    return CompressionRule(make_policy(meta.policy, **meta.policy_params), meta.budget_tokens,
+                           kv_quant=quantization_of(cache))
 
 
 def document_cache(state: ServerState, document_id: str):
@@ -47,15 +60,20 @@ def document_cache(state: ServerState, document_id: str):
 
 
 def describe(document_id: str, meta: CacheMeta, file_bytes: int, **extra) -> Document:
+    from kvlab.engine import compression
+
+    kept = int(meta.extra.get("kv_bytes_kept", meta.extra.get("kv_bytes_stored", 0)))
+    full_fp16 = int(meta.extra.get("kv_bytes_full_fp16", 0))
     return Document(id=document_id, created_at=meta.created_at, model=meta.model, policy=meta.policy,
                     policy_params=meta.policy_params, ratio=meta.ratio, budget_tokens=meta.budget_tokens,
                     context_tokens=meta.context_tokens, kv_bytes_full=int(meta.extra.get("kv_bytes_full", 0)),
-                    kv_bytes_kept=int(meta.extra.get("kv_bytes_stored", meta.extra.get("kv_bytes_kept", 0))),
+                    kv_bytes_kept=kept, kv_bytes_full_fp16=full_fp16, compression=round(compression(full_fp16, kept), 3),
                     file_bytes=file_bytes, **extra)
 
 
 def create(state: ServerState, body: DocumentRequest) -> tuple[Document, bool]:
     """Prefill and compress ``body.text`` (run it on the worker); returns the document and whether it is new."""
+    from kvlab.cache.quant import QuantizationParams
     from kvlab.errors import ContextTooLongError
     from kvlab.policies import make_policy
     from kvlab.store.documents import compress_document
@@ -70,7 +88,8 @@ def create(state: ServerState, body: DocumentRequest) -> tuple[Document, bool]:
     if limit and tokens + 1 > limit:
         raise ContextTooLongError(f"this model's maximum context length is {limit} tokens; the document is "
                                   f"{tokens} tokens and questions need room after it; shorten the document")
-    document = compress_document(engine, body.text, policy, store=state.store,
+    quantization = None if settings.kv_quant is None else QuantizationParams(settings.kv_quant)
+    document = compress_document(engine, body.text, policy, store=state.store, quantization=quantization,
                                  ratio=settings.document_ratio(name, body.ratio, body.budget_tokens),
                                  budget_tokens=settings.document_budget(name, body.ratio, body.budget_tokens))
     if not document.from_store:

@@ -20,6 +20,7 @@ COUNTERS = {
     "kvlab_prefill_seconds_total": "seconds spent prefilling prompts",
     "kvlab_decode_seconds_total": "seconds spent decoding",
     "kvlab_prefix_cache_hits_total": "generations that continued a cached prefix (a document or earlier turns)",
+    "kvlab_session_recompressions_total": "document sessions compressed again after outgrowing their budget",
     "kvlab_prefix_cache_misses_total": "generations prefilled from scratch",
     "kvlab_document_loads_total": "document caches read from the store into memory",
     "kvlab_documents_created_total": "documents prefilled, compressed and stored",

@@ -164,7 +164,11 @@ class KvlabStats(BaseModel):
     document_id: str | None
     prefilled_tokens: int  # prompt tokens run through the model for this request
     cached_tokens: int  # prompt tokens reused (the document's cache, earlier turns)
-    kv_bytes: int  # live KV bytes of the sequence at the end
+    kv_bytes: int  # KV bytes the sequence holds in memory at the end (= kv_bytes_kept)
+    kv_bytes_kept: int  # the same figure under the name every kvlab report uses
+    kv_bytes_full_fp16: int  # the uncompressed cache of the sequence at 2 bytes per element
+    compression: float  # kv_bytes_full_fp16 / kv_bytes_kept
+    recompressed: bool  # the document session was compressed again (the conversation rule of `kvlab chat`)
     prefill_s: float
     decode_s: float
     queue_s: float
@@ -239,7 +243,9 @@ class Document(BaseModel):
     context_tokens: int
     kept_tokens: float | None = None
     kv_bytes_full: int
-    kv_bytes_kept: int
+    kv_bytes_kept: int  # held in memory while decoding (quantized payload, scales and padding included)
+    kv_bytes_full_fp16: int
+    compression: float  # kv_bytes_full_fp16 / kv_bytes_kept
     file_bytes: int
     prefill_s: float | None = None
     compress_s: float | None = None

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from kvlab.cache.kvcache import KVCache
+from kvlab.engine.conversation import CompressionRule
 
 
 @dataclass
@@ -36,6 +37,12 @@ class Entry:
     cache: KVCache  # holds the document plus token_ids[:fed_tokens]; never modified (requests fork it)
     fed_tokens: int
     last_logits: torch.Tensor | None  # (vocab,) fp32 predicting the token after token_ids, when all were fed
+    rule: CompressionRule | None = None  # a document session's re-compression rule (its policy and budget)
+
+    @property
+    def document_tokens(self) -> int:
+        """Tokens of the document this entry continues (0 without a document)."""
+        return self.cache.num_tokens - self.fed_tokens
 
     @property
     def pending_ids(self) -> tuple[int, ...]:
@@ -79,9 +86,9 @@ class PrefixCache:
         return None
 
     def put(self, document_id: str, token_ids: Sequence[int], cache: KVCache, fed_tokens: int,
-            last_logits: torch.Tensor | None = None) -> None:
+            last_logits: torch.Tensor | None = None, rule: CompressionRule | None = None) -> None:
         """Keep ``cache`` (the caller must not grow it afterwards: pass a fork) and evict down to the bounds."""
-        entry = Entry(document_id, tuple(int(t) for t in token_ids), cache, fed_tokens, last_logits)
+        entry = Entry(document_id, tuple(int(t) for t in token_ids), cache, fed_tokens, last_logits, rule)
         key = prefix_key(document_id, entry.token_ids)
         with self._lock:
             if key in self._entries:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvlab.cache.quant import SCHEME_BITS
 from kvlab.errors import ParameterError
 
 MIB = 1024 * 1024
@@ -18,6 +19,7 @@ class Settings:
     policy_params: dict = field(default_factory=dict)  # that policy's parameters
     ratio: float | None = None  # fraction of document tokens evicted; None with a policy other than full: 0.5
     budget_tokens: int | None = None  # alternative to ratio: document tokens kept per head per layer
+    kv_quant: str | None = None  # int8, int4 or int2: documents are stored and held quantized in memory (KIVI)
     store_root: Path | str | None = None  # document store folder; None: $KVLAB_CACHE_DIR/kv
     max_queue: int = 8  # requests waiting for the model beyond the one running; more get 429
     request_timeout_s: float = 300.0  # from arrival to the last token, queueing included; then 504
@@ -39,6 +41,8 @@ class Settings:
             (self.chunk_tokens >= 1, f"chunk_tokens must be >= 1 (got {self.chunk_tokens})"),
             (self.ratio is None or 0 <= self.ratio < 1, f"ratio must be in [0, 1) (got {self.ratio})"),
             (self.ratio is None or self.budget_tokens is None, "give either a ratio or a budget, not both"),
+            (self.kv_quant in (None, *SCHEME_BITS), f"kv_quant must be one of {', '.join(SCHEME_BITS)} "
+                                                     f"(got {self.kv_quant!r})"),
         ]
         for ok, message in checks:
             if not ok:

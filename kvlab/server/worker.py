@@ -6,8 +6,8 @@ between prefill chunks and decode steps: that raises ``Cancelled`` once the clie
 request's deadline has passed, so an abandoned generation stops within one step. A full queue raises
 ``ServerBusy`` (429 with ``Retry-After``) without queueing anything.
 
-Every worker of one model shares one lock, so two apps serving the same in-memory model (tests do this) still run
-one forward pass at a time: kvlab's attention hook is switched per call on the model object.
+There is no per-model lock: the kvlab attention function is registered once and reads its state from each forward
+pass's own arguments, so two apps serving the same in-memory model (tests do this) cannot disturb each other.
 """
 
 from __future__ import annotations
@@ -18,19 +18,11 @@ import logging
 import math
 import threading
 import time
-import weakref
 from collections.abc import Callable
 
 from kvlab.server.errors import ApiError, api_error_for
 
 log = logging.getLogger("kvlab.server")
-_MODEL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-def model_lock(model) -> threading.Lock:
-    with _LOCKS_GUARD:
-        return _MODEL_LOCKS.setdefault(model, threading.Lock())
 
 
 class Cancelled(Exception):
@@ -106,7 +98,6 @@ class Worker:
 
     def __init__(self, model, max_queue: int, on_cancel: Callable[[str], None] = lambda reason: None) -> None:
         self.max_queue = max_queue
-        self._lock = model_lock(model)
         self._on_cancel = on_cancel
         self._waiting: collections.deque[Job] = collections.deque()
         self._condition = threading.Condition()
@@ -178,8 +169,7 @@ class Worker:
         started = time.monotonic()
         try:
             job.check()  # cancelled or timed out while it waited
-            with self._lock:
-                result = job.fn(job)
+            result = job.fn(job)
             job.finished = True
             job.emit("done", result)
         except Cancelled as cancelled:

@@ -1,5 +1,5 @@
 """Real servers on loopback: uvicorn runs the app in a background thread on a free port; the tiny model is shared
-(one Engine per session; every app's worker takes the model's lock, so they never run it at once)."""
+(one Engine per session; apps never share per-call state, so no lock is needed)."""
 
 from __future__ import annotations
 
