@@ -34,9 +34,10 @@ from kvlab.bench.scoring import score
 from kvlab.bench.tasks.base import Sample
 from kvlab.cache.kvcache import KVCache
 from kvlab.cache.observations import ObservationRequest
-from kvlab.cache.quant import SCHEME_BITS, dequantize_cache, quantize_cache
-from kvlab.engine import Engine, SamplingConfig, context_kept_tokens
-from kvlab.engine.conversation import Conversation
+from kvlab.cache.quant import SCHEME_BITS, QuantizationParams, quantize_cache
+from kvlab.cache.quantized import quantize_in_memory
+from kvlab.engine import Engine, SamplingConfig, context_kept_tokens, memory_figures
+from kvlab.engine.conversation import CompressionRule, Conversation
 from kvlab.errors import ParameterError
 from kvlab.policies import make_policy
 from kvlab.policies.base import Policy
@@ -47,7 +48,8 @@ MODES = ("single", "multi-request", "multi-turn")
 
 @dataclass(frozen=True)
 class Cell:
-    """One grid cell: a policy with its parameters, an eviction ratio (0 for ``full``), a storage quantization."""
+    """One grid cell: a policy with its parameters, an eviction ratio (0 for ``full``), and a KV quantization the
+    cache is held in while decoding (``--kv-quant``; None: the model's dtype)."""
 
     policy: Policy
     ratio: float
@@ -176,17 +178,16 @@ def _prefill(engine: Engine, sample: Sample, question_index: int, request: Obser
 
 
 def _compressed(engine: Engine, context: _Context, cell: Cell) -> tuple[KVCache, dict]:
-    """A compressed (and, for quantized cells, quantized then dequantized) copy with its cost columns."""
+    """A compressed (and, for quantized cells, held-quantized) copy with its cost columns; the byte columns are
+    those of ``engine.memory_figures``."""
     cache, budget, compress_s = engine.compress(context.result, cell.policy, ratio=cell.ratio,
                                                 compressible_tokens=context.context_tokens)
-    kv_bytes_kept = cache.live_bytes
     if cell.quantization is not None:
         started = time.perf_counter()
-        quantized = quantize_cache(cache, cell.quantization)
-        kv_bytes_kept = quantized.nbytes
-        cache = dequantize_cache(quantized)
+        cache = quantize_in_memory(cache, QuantizationParams(cell.quantization))
         compress_s += time.perf_counter() - started
-    return cache, {"budget_tokens": budget, "compress_s": compress_s, "kv_bytes_kept": kv_bytes_kept,
+    figures = memory_figures(context.result.cache.held_bytes, cache.held_bytes, cache.kv_bytes_full_fp16)
+    return cache, {"budget_tokens": budget, "compress_s": compress_s, **figures,
                    "kept_tokens": context_kept_tokens(cache, context.context_tokens)}
 
 
@@ -198,7 +199,7 @@ def _row(context: _Context, question_index: int, cell: Cell, prediction: str, co
             "metric": sample.metric, "prediction": prediction, "score": score(prediction, answers, sample.metric),
             "policy": cell.policy.name, "policy_params": cell.policy.params(), "ratio": cell.ratio,
             "quantization": cell.quantization, "context_tokens": context.context_tokens,
-            "kv_bytes_full": context.result.cache.live_bytes, "prefill_s": context.result.seconds,
+            "prefill_s": context.result.seconds,
             **costs, **measured}
 
 
@@ -251,7 +252,7 @@ def _multi_request(engine, sample, cells, wanted, request, force, outcome):
     with tempfile.TemporaryDirectory(prefix="kvlab-bench-") as folder:
         for cell in _ordered(cells):
             cache, costs = _compressed(engine, context, cell)
-            stored = cache if cell.quantization is None else quantize_cache(cache, cell.quantization)
+            stored = cache if cell.quantization is None else quantize_cache(cache.dense(), cell.quantization)
             path = Path(folder) / "cell.kv"
             meta = meta_for(engine.loaded, stored, text=sample.context, policy=cell.policy, ratio=cell.ratio,
                             budget_tokens=costs["budget_tokens"], query_aware=False,
@@ -284,7 +285,9 @@ def _multi_turn(engine, sample, cells, wanted, request, force, outcome):
     reference_answers: list[list[int]] = []
     for cell in _ordered(cells):
         cache, costs = _compressed(engine, context, cell)
-        conversation = Conversation(engine, cache, policy=cell.policy, budget_tokens=costs["budget_tokens"])
+        kv_quant = None if cell.quantization is None else QuantizationParams(cell.quantization)
+        conversation = Conversation(engine, cache, rule=CompressionRule(cell.policy, costs["budget_tokens"],
+                                                                        kv_quant=kv_quant))
         for index, question in enumerate(sample.questions):
             turn = conversation.ask(question, max_new_tokens=sample.max_new_tokens, sampling=GREEDY,
                                     answer_prefix=sample.answer_prefix, force=force)

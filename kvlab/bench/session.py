@@ -62,7 +62,7 @@ class BenchRequest:
 def _quantizations(text: str | None) -> tuple[str | None, ...]:
     if not text:
         return (None,)
-    return tuple(None if item.lower() == "none" else item.lower() for item in _parse_list(text, str, "--quantize"))
+    return tuple(None if item.lower() == "none" else item.lower() for item in _parse_list(text, str, "--kv-quant"))
 
 
 def _parse_list(text: str, kind, flag: str) -> tuple:

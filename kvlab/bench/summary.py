@@ -6,7 +6,8 @@ import math
 from collections import defaultdict
 
 ALL = "all"
-MEANS = ("kl_vs_full", "kv_bytes_kept", "kv_bytes_full", "kept_tokens", "compress_s", "decode_s", "prefill_s")
+MEANS = ("kl_vs_full", "kv_bytes_kept", "kv_bytes_full", "kv_bytes_full_fp16", "kept_tokens", "compress_s",
+         "decode_s", "prefill_s")
 
 
 def mean_and_stderr(values: list[float]) -> tuple[float, float]:
@@ -37,6 +38,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         for name in MEANS:
             present = [row[name] for row in members if row.get(name) is not None]
             entry[name] = sum(present) / len(present) if present else None
+        full_fp16, kept = entry["kv_bytes_full_fp16"], entry["kv_bytes_kept"]
+        entry["compression"] = full_fp16 / kept if full_fp16 and kept else None
         summary.append(entry)
     return summary
 
@@ -76,12 +79,13 @@ def markdown_tables(summary: list[dict], turns: list[dict] | None = None) -> str
     per-turn table when samples asked several questions."""
     totals = overall(summary)
     tasks = sorted({row["task"] for row in summary if row["task"] != ALL})
-    lines = ["| policy @ ratio | score | n | KL vs full (nats/tok) | same answer as full | KV MiB kept | kept tok |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| policy @ ratio | score | n | KL vs full (nats/tok) | same answer as full | KV MiB held | "
+             "compression vs fp16 | kept tok |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in sorted(totals, key=lambda r: (-r["score"], r["policy"], r["ratio"], str(r["quantization"]))):
         lines.append(f"| {cell_label(row)} | {row['score']:.3f} ± {row['stderr']:.3f} | {row['n']} "
                      f"| {_number(row['kl_vs_full'], 4)} | {row['matches_full']:.0%} | {row['kv_bytes_kept'] / 2**20:.2f} "
-                     f"| {row['kept_tokens']:.0f} |")
+                     f"| {_number(row.get('compression'), 2)}x | {row['kept_tokens']:.0f} |")
     by_cell = {(row["policy"], row["ratio"], row["quantization"], row["task"]): row
                for row in summary if row["length"] == 0}
     per_task = ["", "| policy @ ratio | " + " | ".join(tasks) + " |", "| --- |" + " --- |" * len(tasks)]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from kvlab.cli.common import add_model_arguments, add_policy_arguments, policy_from_args, ratio_from_args, read_text
+from kvlab.cli.common import (add_kv_quant_argument, add_model_arguments, add_policy_arguments, kv_quant_from_args,
+                              policy_from_args, ratio_from_args, read_text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--question", required=True, help="question asked after the document")
     add_model_arguments(parser)
     add_policy_arguments(parser)
+    add_kv_quant_argument(parser)
     parser.add_argument("--query-aware", action="store_true",
                         help="put the question in the prefix so the policy can score with it (SnapKV's setting); "
                              "default is query-agnostic: compress the document before the question is seen")
@@ -44,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(loaded, chunk_tokens=args.chunk_tokens)
     answer = engine.ask(context, args.question, policy, ratio=ratio_from_args(args), budget_tokens=args.budget,
                         query_aware=args.query_aware, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                        force=args.force, progress=not args.json, answer_prefix=args.answer_prefix)
+                        force=args.force, progress=not args.json, answer_prefix=args.answer_prefix,
+                        kv_quant=kv_quant_from_args(args))
     if args.json:
         print(json.dumps({"model": loaded.name, "device": str(loaded.device), **answer.to_dict()}))
     else:
@@ -55,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_cached(args: argparse.Namespace, sampling) -> int:
     """Answer from a persisted cache: load and verify it, prefill the question only, decode."""
+    from kvlab.cache.quantized import quantization_of
     from kvlab.engine import Answer, Engine, context_kept_tokens
     from kvlab.models import load_model
     from kvlab.store.documents import conversation_for, open_document
@@ -67,8 +71,9 @@ def run_cached(args: argparse.Namespace, sampling) -> int:
                              "--query-aware (or use --context-file for a query-aware run)")
     loaded = load_model(args.model, device=args.device, progress=not args.json)
     engine = Engine(loaded, chunk_tokens=args.chunk_tokens)
-    document = open_document(engine, args.cache)
+    document = open_document(engine, args.cache, kv_quant=kv_quant_from_args(args))
     meta = document.meta
+    held_bytes, full_fp16 = document.cache.held_bytes, document.cache.kv_bytes_full_fp16
     turn = conversation_for(engine, document).ask(args.question, max_new_tokens=args.max_new_tokens,
                                                   sampling=sampling, answer_prefix=args.answer_prefix,
                                                   force=args.force)
@@ -76,10 +81,10 @@ def run_cached(args: argparse.Namespace, sampling) -> int:
         answer=turn.answer, token_ids=turn.token_ids, policy=meta.policy, policy_params=meta.policy_params,
         query_aware=False, ratio=meta.ratio, budget_tokens=meta.budget_tokens, context_tokens=meta.context_tokens,
         question_tokens=turn.question_tokens, kept_tokens=context_kept_tokens(document.cache, meta.context_tokens),
-        kv_bytes_full=int(meta.extra.get("kv_bytes_full", 0)),
-        kv_bytes_kept=int(meta.extra.get("kv_bytes_stored", document.cache.live_bytes)),
-        kv_bytes_allocated=document.cache.allocated_bytes, prefill_s=turn.question_s, compress_s=turn.compress_s,
-        decode_s=turn.decode_s, decode_tokens=len(turn.token_ids),
+        kv_bytes_full=int(meta.extra.get("kv_bytes_full", 0)), kv_bytes_kept=held_bytes,
+        kv_bytes_allocated=document.cache.allocated_bytes, kv_bytes_full_fp16=full_fp16, prefill_s=turn.question_s,
+        compress_s=turn.compress_s, decode_s=turn.decode_s, decode_tokens=len(turn.token_ids),
+        kv_quant=None if quantization_of(document.cache) is None else quantization_of(document.cache).scheme,
         extra={"stopped_by": turn.stopped_by, "cache_file": str(args.cache), "file_bytes": document.file_bytes,
                "quantization": meta.quantization.scheme if meta.quantization else None})
     load_s = meta.extra["load_s"]
@@ -104,12 +109,14 @@ def refuse_policy_flags(args: argparse.Namespace) -> None:
 def stats_line(answer) -> str:
     from kvlab.units import format_mib, format_seconds
 
-    saved = answer.kv_bytes_full / answer.kv_bytes_kept if answer.kv_bytes_kept else float("inf")
+    saved = answer.compression
     prefill_rate = answer.context_tokens / answer.prefill_s if answer.prefill_s else 0.0
     mode = "query-aware" if answer.query_aware else "query-agnostic"
+    quant = f" {answer.kv_quant}" if answer.kv_quant else ""
     # a saved chat holds the conversation too, so its cache can outgrow the document's full cache
     change = f"{saved:.2f}x smaller" if saved >= 1 else f"{1 / saved:.2f}x the document's full cache, with the chat"
-    return (f"[{answer.policy} {mode}] context {answer.context_tokens} tok | kept {answer.kept_tokens:.0f} tok/head"
-            f" | KV {format_mib(answer.kv_bytes_full)} -> {format_mib(answer.kv_bytes_kept)} ({change})"
+    return (f"[{answer.policy}{quant} {mode}] context {answer.context_tokens} tok | kept {answer.kept_tokens:.0f} "
+            f"tok/head | KV held {format_mib(answer.kv_bytes_kept)} vs {format_mib(answer.kv_bytes_full_fp16)} full "
+            f"fp16 ({change})"
             f" | prefill {format_seconds(answer.prefill_s)} ({prefill_rate:.0f} tok/s)"
             f" | compress {format_seconds(answer.compress_s)} | decode {answer.decode_tokens_per_s:.1f} tok/s")

@@ -22,9 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=["single", "multi-request", "multi-turn"], default="single",
                         help="single: each question on its own; multi-request: every question from the same "
                              "persisted .kv file; multi-turn: follow-ups in one conversation (default: single)")
-    parser.add_argument("--quantize", default=None,
-                        help="comma-separated storage quantizations to add to the grid: none,int8,int4 "
-                             "(KIVI; measured for fidelity and bytes)")
+    parser.add_argument("--kv-quant", "--quantize", dest="quantize", default=None,
+                        help="comma-separated KV quantizations crossed with every policy cell: none,int8,int4,int2 "
+                             "(KIVI; the cache is held quantized while decoding, e.g. snapkv@0.5 + int4)")
     parser.add_argument("--haystack-dir", default=None, help="folder of .txt files to use as haystack prose")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task generators (default: 0)")
     parser.add_argument("--chunk-tokens", type=int, default=1024, help="prefill chunk size in tokens")

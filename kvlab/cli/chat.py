@@ -12,10 +12,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--cache", help="a .kv file from `kvlab compress` (or a saved chat), or a store key prefix")
     source.add_argument("--context-file", help="a document to prefill and compress first")
-    from kvlab.cli.common import add_model_arguments, add_policy_arguments
+    from kvlab.cli.common import add_kv_quant_argument, add_model_arguments, add_policy_arguments
 
     add_model_arguments(parser)
     add_policy_arguments(parser)
+    add_kv_quant_argument(parser)
     parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer at most (default: 256)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -24,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvlab.cli.common import policy_from_args, ratio_from_args, read_text
+    from kvlab.cli.common import kv_quant_from_args, policy_from_args, ratio_from_args, read_text
     from kvlab.engine import Engine, SamplingConfig
     from kvlab.errors import KvlabError
     from kvlab.models import load_model
@@ -44,15 +45,15 @@ def run(args: argparse.Namespace) -> int:
         text, policy = read_text(args.context_file), policy_from_args(args)
         document = store_document(lambda: compress_document(engine, text, policy, ratio=ratio_from_args(args),
                                                             budget_tokens=args.budget, force=args.force,
-                                                            progress=True))
+                                                            quantization=kv_quant_from_args(args), progress=True))
         source = str(document.path)
     else:
         source = args.cache
-    loaded = open_document(engine, source)
+    loaded = open_document(engine, source, kv_quant=kv_quant_from_args(args))
     conversation = conversation_for(engine, loaded)
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     print(f"{loaded.meta.context_tokens}-token document, {loaded.meta.policy} cache of "
-          f"{format_mib(conversation.cache.live_bytes)}; {HELP}", file=sys.stderr)
+          f"{format_mib(conversation.cache.held_bytes)}; {HELP}", file=sys.stderr)
     while True:
         line = _read_line()
         if line is None:
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if line == "/stats":
             print(f"{conversation.answered} turns | {conversation.cache.num_tokens} tokens seen | kept "
-                  f"{conversation.cache.kept_tokens():.0f} tok/head | KV {format_mib(conversation.cache.live_bytes)}")
+                  f"{conversation.cache.kept_tokens():.0f} tok/head | KV {format_mib(conversation.cache.held_bytes)}")
             continue
         if line == "/save" or line.startswith("/save "):
             target = line.removeprefix("/save").strip()

@@ -26,6 +26,21 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
                         help="policy parameter, repeatable (e.g. -p window_tokens=64); see `kvlab policies show P`")
 
 
+KV_QUANT_SCHEMES = ("int8", "int4", "int2")  # cache.quant.SCHEME_BITS, listed here so --help imports no torch
+
+
+def add_kv_quant_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kv-quant", choices=KV_QUANT_SCHEMES, default=None,
+                        help="hold the KV cache quantized in memory while decoding (KIVI: keys per channel, values "
+                             "per token, groups of 32, the last 32 tokens in full precision); default: none")
+
+
+def kv_quant_from_args(args: argparse.Namespace):
+    from kvlab.cache.quant import QuantizationParams
+
+    return None if args.kv_quant is None else QuantizationParams(args.kv_quant)
+
+
 def policy_from_args(args: argparse.Namespace):
     from kvlab.policies import make_policy
 

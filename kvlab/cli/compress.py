@@ -12,8 +12,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context-file", required=True, help="document to prefill (UTF-8 text; - for stdin)")
     add_model_arguments(parser)
     add_policy_arguments(parser)
-    parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                        help="store keys/values quantized (KIVI: keys per channel, values per token)")
+    parser.add_argument("--kv-quant", "--quantize", dest="quantize", choices=["int8", "int4", "int2"], default=None,
+                        help="store keys/values quantized and hold them so when the file is used (KIVI: keys per "
+                             "channel, values per token)")
     parser.add_argument("--group-size", type=int, default=32, help="quantization group size in tokens/channels")
     parser.add_argument("--residual-tokens", type=int, default=32,
                         help="most recent tokens kept in full precision when quantizing (default: 32)")
@@ -25,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kvlab.cache.quant import QuantizationParams
-    from kvlab.engine import Engine
+    from kvlab.engine import Engine, compression, memory_figures
     from kvlab.models import load_model
     from kvlab.store.documents import compress_document, copy_out
     from kvlab.units import format_mib
@@ -43,15 +44,17 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"path": str(path), "key": document.key, "from_store": document.from_store,
                           "context_tokens": document.context_tokens, "kept_tokens": document.kept_tokens,
-                          "kv_bytes_full": document.kv_bytes_full, "kv_bytes_kept": document.kv_bytes_kept,
+                          **memory_figures(document.kv_bytes_full, document.kv_bytes_kept,
+                                           document.kv_bytes_full_fp16),
                           "file_bytes": document.file_bytes, "prefill_s": document.prefill_s,
                           "compress_s": document.compress_s}))
         return 0
     origin = "found in the store (not recomputed)" if document.from_store else (
         f"prefill {document.prefill_s:.2f} s, compress {document.compress_s * 1000:.0f} ms")
     print(f"{path}\n[{policy.name}{' ' + args.quantize if args.quantize else ''}] context {document.context_tokens} "
-          f"tok | kept {document.kept_tokens:.0f} tok/head | KV {format_mib(document.kv_bytes_full)} -> "
-          f"{format_mib(document.kv_bytes_kept)} | file {format_mib(document.file_bytes)} | {origin} | "
+          f"tok | kept {document.kept_tokens:.0f} tok/head | KV held {format_mib(document.kv_bytes_kept)} vs "
+          f"{format_mib(document.kv_bytes_full_fp16)} full fp16 ({compression(document.kv_bytes_full_fp16, document.kv_bytes_kept):.2f}x) | "
+          f"file {format_mib(document.file_bytes)} | {origin} | "
           f"key {document.key[:12]}")
     return 0
 

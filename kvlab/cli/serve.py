@@ -6,10 +6,11 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from kvlab.cli.common import add_model_arguments, add_policy_arguments
+    from kvlab.cli.common import add_kv_quant_argument, add_model_arguments, add_policy_arguments
 
     add_model_arguments(parser)
     add_policy_arguments(parser)
+    add_kv_quant_argument(parser)
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s, loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
     parser.add_argument("--store", default=None, help="document store folder (default: $KVLAB_CACHE_DIR/kv)")
@@ -39,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
 
     policy = policy_from_args(args)  # an unknown policy or parameter fails before the model loads
     settings = Settings(model=args.model, device=args.device, policy=policy.name, policy_params=policy.params(),
-                        ratio=ratio_from_args(args), budget_tokens=args.budget, store_root=args.store,
+                        ratio=ratio_from_args(args), budget_tokens=args.budget, kv_quant=args.kv_quant,
+                        store_root=args.store,
                         max_queue=args.max_queue, request_timeout_s=args.timeout,
                         default_max_tokens=args.max_tokens, session_cache_bytes=parse_size(args.session_cache))
     app = create_app(settings)

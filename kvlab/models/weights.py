@@ -45,10 +45,8 @@ INT8PACK_MAX_ROWS = 8
 # _weight_int8pack_mm's bf16 CPU kernel needs in_features to be a multiple of this (it reads past the end otherwise).
 INT8PACK_BF16_ALIGN = 16
 KERNELS = ("auto", "int8pack", "dequant")
-
-
-def _int8pack_op():
-    return getattr(torch.ops.aten, "_weight_int8pack_mm", None)
+_INT8PACK_MM = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
+_INT8PACK_INPUT_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def check_weight_scheme(scheme: str) -> str:
@@ -102,6 +100,8 @@ class Int8WeightLinear(nn.Module):
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.kernel = "auto"
+        self._int8pack_aligned = self.in_features % INT8PACK_BF16_ALIGN == 0
+        self._auto_max_numel = INT8PACK_MAX_ROWS * self.in_features
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
@@ -131,19 +131,16 @@ class Int8WeightLinear(nn.Module):
 
     def choose_kernel(self, x: torch.Tensor) -> str:
         """``"int8pack"`` or ``"dequant"``: the path ``forward`` takes for input ``x``."""
-        if self.kernel not in KERNELS:
-            raise ParameterError(f"unknown kernel {self.kernel!r}; use one of {', '.join(KERNELS)}")
-        if self.kernel == "dequant" or not self._int8pack_can_run(x):
+        kernel = self.kernel
+        if kernel == "dequant":
             return "dequant"
-        if self.kernel == "auto" and x.numel() // self.in_features > INT8PACK_MAX_ROWS:
-            return "dequant"
-        return "int8pack"
-
-    def _int8pack_can_run(self, x: torch.Tensor) -> bool:
-        return (_int8pack_op() is not None and x.device.type == "cpu" and self.weight.device.type == "cpu"
-                and x.dtype in (torch.float32, torch.bfloat16) and x.numel() > 0
-                and self.in_features % INT8PACK_BF16_ALIGN == 0
-                and not (x.requires_grad and torch.is_grad_enabled()))
+        if kernel not in KERNELS:
+            raise ParameterError(f"unknown kernel {kernel!r}; use one of {', '.join(KERNELS)}")
+        usable = (_INT8PACK_MM is not None and self._int8pack_aligned and x.is_cpu
+                  and x.dtype in _INT8PACK_INPUT_DTYPES and x.numel() > 0
+                  and (kernel == "int8pack" or x.numel() <= self._auto_max_numel)
+                  and not (x.requires_grad and torch.is_grad_enabled()))
+        return "int8pack" if usable else "dequant"
 
     def _kernel_scales(self) -> torch.Tensor:
         """``scales`` as bf16 for the op, cached until the buffer is replaced or modified in place."""
@@ -156,8 +153,8 @@ class Int8WeightLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.choose_kernel(x) == "int8pack":
             rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-            out = _int8pack_op()(rows, self.weight, self._kernel_scales())
-            out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            out = _INT8PACK_MM(rows, self.weight, self._kernel_scales())
+            out = out.to(x.dtype).reshape(x.shape[:-1] + (self.out_features,))
         else:
             out = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         if self.bias is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kvlab.cache.quant import QuantizationParams, quantize_cache
 from kvlab.engine import Engine, memory_figures, resolve_budget
-from kvlab.cache.quantized import from_stored, quantization_of
+from kvlab.cache.quantized import from_stored, quantization_of, quantize_in_memory
 from kvlab.engine.conversation import CompressionRule, Conversation
 from kvlab.errors import CorruptCacheError, KvlabError, MissingCacheFileError, ParameterError
 from kvlab.fileio import atomic_write
@@ -111,8 +111,11 @@ def copy_out(source: Path, destination: str | Path) -> Path:
     return destination
 
 
-def open_document(engine: Engine, path_or_key: str, store: CacheStore | None = None) -> LoadedCache:
-    """Load a ``.kv`` file (or a store key / unique key prefix), verified against the engine's model."""
+def open_document(engine: Engine, path_or_key: str, store: CacheStore | None = None,
+                  kv_quant: QuantizationParams | None = None) -> LoadedCache:
+    """Load a ``.kv`` file (or a store key / unique key prefix), verified against the engine's model. A quantized
+    file stays quantized in memory; ``kv_quant`` quantizes a plain file's cache in memory (a quantized file must
+    then have been made with the same scheme)."""
     path = Path(path_or_key).expanduser()
     if not path.exists() and _KEY_PREFIX.fullmatch(path_or_key.strip()):
         path = (store or CacheStore()).find(path_or_key).path
@@ -120,6 +123,13 @@ def open_document(engine: Engine, path_or_key: str, store: CacheStore | None = N
     loaded = load_cache(path, expected_model_fingerprint=engine.loaded.fingerprint,
                         expected_tokenizer_fingerprint=tokenizer_fingerprint(engine.tokenizer),
                         expected_model_name=engine.loaded.name, device=engine.loaded.device)
+    if kv_quant is not None:
+        held = quantization_of(loaded.cache)
+        if held is not None and held.scheme != kv_quant.scheme:
+            raise ParameterError(f"{path} holds an {held.scheme} cache; drop --kv-quant or pass --kv-quant "
+                                 f"{held.scheme} (or compress again with the scheme you want)")
+        if held is None:
+            loaded.cache = quantize_in_memory(loaded.cache, kv_quant)
     loaded.meta.extra["load_s"] = time.perf_counter() - started
     return loaded
 

@@ -52,7 +52,7 @@ def test_ask_text_prints_answer_and_stats_line(document, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     stats = lines[-1]
     assert stats.startswith("[streaming_llm query-agnostic] context ")
-    assert "kept 64 tok/head" in stats and "MiB ->" in stats and "decode" in stats
+    assert "kept 64 tok/head" in stats and "full fp16" in stats and "decode" in stats
 
 
 @pytest.mark.parametrize("argv, fragment", [
