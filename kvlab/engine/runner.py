@@ -1,5 +1,6 @@
 """Feed tokens to the model on top of a KVCache: the cache appends in transformers' update step
-(``cache.hf.HFCacheView``) and the kvlab attention function reads it (``engine.attention``)."""
+(``cache.hf.HFCacheView``) and the kvlab attention function reads it (``engine.attention``). Single-token steps
+of Llama-architecture models take the decode fast path (``engine.fastpath``), which computes the same logits."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from kvlab.cache.hf import HFCacheView, cache_argument
 from kvlab.cache.kvcache import KVCache
 from kvlab.engine.attention import STEP_KEYWORD, Observer, Step, install
+from kvlab.engine.fastpath import FastDecoder
 
 
 class ModelRunner:
@@ -20,6 +22,7 @@ class ModelRunner:
         self.view = HFCacheView(cache)
         self.cache_argument = cache_argument(model)
         self.device = next(model.parameters()).device
+        self.fast = FastDecoder.for_model(model)
 
     @torch.inference_mode()
     def feed(self, token_ids: torch.Tensor, *, observer: Observer | None = None,
@@ -28,6 +31,11 @@ class ModelRunner:
         count = int(token_ids.numel())
         start = self.cache.num_tokens
         positions = torch.arange(start, start + count, device=self.device)
+        if count == 1 and observer is None and self.fast is not None and logits_to_keep <= 1:
+            logits = self.fast.step(token_ids.to(self.device), self.cache, positions)
+            self.cache.num_tokens += 1
+            self.cache.settle()
+            return logits[None] if logits_to_keep else None
         self.view.begin(positions)
         output = self.model(
             input_ids=token_ids.to(self.device).reshape(1, -1), position_ids=positions[None], use_cache=True,
