@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import environment, timed_runs, summary, write_json
+from _common import environment, summary, timed_runs, write_json
 
 from kvlab.bench.haystack import build_haystack
 from kvlab.cache.observations import ObservationRequest

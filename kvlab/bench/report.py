@@ -13,8 +13,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from kvlab.fileio import atomic_write_text
 from kvlab.bench.summary import markdown_tables, overall, per_turn, summarize
+from kvlab.fileio import atomic_write_text
 
 NEEDLE_TASK_PREFIX = "niah"
 

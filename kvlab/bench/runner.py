@@ -307,7 +307,8 @@ def peak_rss_mib() -> float:
 
 
 def run_info_for(engine: Engine) -> dict:
-    return {"model": engine.loaded.name, "model_fingerprint": engine.loaded.fingerprint}
+    return {"model": engine.loaded.name, "model_fingerprint": engine.loaded.fingerprint,
+            "weights": engine.loaded.weights}
 
 
 __all__ = ["MODES", "BenchProgress", "Cell", "grid", "run_grid", "run_info_for"]

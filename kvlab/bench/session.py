@@ -35,11 +35,12 @@ class BenchRequest:
     haystack_dir: str | None = None
     seed: int = 0
     device: str | None = None
+    weights: str = "fp"  # "int8": weight-only int8 linear layers (its own fingerprint, its own results folder)
     chunk_tokens: int = 1024
     force: bool = False
 
     @classmethod
-    def from_cli(cls, args) -> "BenchRequest":
+    def from_cli(cls, args) -> BenchRequest:
         base = get_preset(args.preset) if args.preset else DEFAULT_GRID
         samples = base.samples if args.samples is None else args.samples
         if samples < 1:
@@ -56,7 +57,7 @@ class BenchRequest:
             query_aware=(bool(args.preset) and base.query_aware and args.mode == "single")
             if args.query_aware is None else args.query_aware,
             mode=args.mode, quantizations=_quantizations(args.quantize), data_file=args.data, haystack_dir=args.haystack_dir,
-            seed=args.seed, device=args.device, chunk_tokens=args.chunk_tokens, force=args.force)
+            seed=args.seed, device=args.device, weights=args.weights, chunk_tokens=args.chunk_tokens, force=args.force)
 
 
 def _quantizations(text: str | None) -> tuple[str | None, ...]:
@@ -107,7 +108,7 @@ def run_bench(request: BenchRequest, *, progress: bool = True, loaded=None) -> B
 
     cells = grid(list(request.policies), list(request.ratios), list(request.quantizations))  # fails before loading
     out_dir = Path(request.out_dir)
-    loaded = loaded or load_model(request.model, device=request.device, progress=progress)
+    loaded = loaded or load_model(request.model, device=request.device, weights=request.weights, progress=progress)
     engine = Engine(loaded, chunk_tokens=request.chunk_tokens)
     run_info = run_info_for(engine)
     _check_folder(out_dir, run_info, request)

@@ -27,7 +27,7 @@ class _LayerView(CacheLayerMixin):
     is_croppable = False
     supports_early_init = False
 
-    def __init__(self, owner: "HFCacheView", index: int) -> None:
+    def __init__(self, owner: HFCacheView, index: int) -> None:
         super().__init__()
         self.owner = owner
         self.index = index

@@ -193,19 +193,19 @@ class LayerCache:
         self._start, self._end = 0, count
 
     # -- copies ----------------------------------------------------------------------------------------------------
-    def fork(self) -> "LayerCache":
+    def fork(self) -> LayerCache:
         """A layer that shares the storage; appends to either never show in the other."""
         twin = object.__new__(type(self))
         twin.__dict__.update(self.__dict__)
         return twin
 
-    def clone(self) -> "LayerCache":
+    def clone(self) -> LayerCache:
         return LayerCache(self.spec, self.keys.clone(), self.values.clone(), self.positions.clone())
 
-    def to(self, device: torch.device | str) -> "LayerCache":
+    def to(self, device: torch.device | str) -> LayerCache:
         return LayerCache(self.spec, self.keys.to(device), self.values.to(device), self.positions.to(device))
 
-    def dense(self) -> "LayerCache":
+    def dense(self) -> LayerCache:
         """This layer with plain key and value tensors (itself; quantized layers dequantize)."""
         return self
 
@@ -275,14 +275,14 @@ class KVCache:
         for layer in self.layers:
             layer.settle()
 
-    def fork(self) -> "KVCache":
+    def fork(self) -> KVCache:
         """A copy that shares storage: growing or trimming either leaves the other as it was. No tensor copies."""
         return KVCache(layers=[layer.fork() for layer in self.layers], num_tokens=self.num_tokens)
 
-    def clone(self) -> "KVCache":
+    def clone(self) -> KVCache:
         return KVCache(layers=[layer.clone() for layer in self.layers], num_tokens=self.num_tokens)
 
-    def dense(self) -> "KVCache":
+    def dense(self) -> KVCache:
         """The same cache with plain key and value tensors (quantized layers dequantized; others shared)."""
         return KVCache(layers=[layer.dense() for layer in self.layers], num_tokens=self.num_tokens)
 

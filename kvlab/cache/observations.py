@@ -30,7 +30,7 @@ class ObservationRequest:
     window_tokens: int = 0
     attention_sums: bool = False
 
-    def union(self, other: "ObservationRequest") -> "ObservationRequest":
+    def union(self, other: ObservationRequest) -> ObservationRequest:
         return ObservationRequest(max(self.window_tokens, other.window_tokens),
                                   self.attention_sums or other.attention_sums)
 

@@ -21,8 +21,17 @@ from __future__ import annotations
 import torch
 
 from kvlab.cache.kvcache import PADDING_POSITION, KVCache, LayerCache
-from kvlab.cache.quant import (QuantizationParams, QuantizedKVCache, QuantizedLayer, dequantize_layer,
-                               quantize_key_block, quantize_value_block, quantize_layer, unpack_codes, split_counts)
+from kvlab.cache.quant import (
+    QuantizationParams,
+    QuantizedKVCache,
+    QuantizedLayer,
+    dequantize_layer,
+    quantize_key_block,
+    quantize_layer,
+    quantize_value_block,
+    split_counts,
+    unpack_codes,
+)
 
 CODE_FIELDS = ("key_codes", "key_scales", "key_zeros", "value_codes", "value_scales", "value_zeros")
 
@@ -53,7 +62,7 @@ class QuantizedLayerCache(LayerCache):
         self.residual = LayerCache(stored.spec, stored.residual_keys, stored.residual_values, residual_positions)
 
     @classmethod
-    def from_layer(cls, layer: LayerCache, params: QuantizationParams) -> "QuantizedLayerCache":
+    def from_layer(cls, layer: LayerCache, params: QuantizationParams) -> QuantizedLayerCache:
         """Quantize a plain full-attention layer (the same arithmetic and layout as a ``.kv`` file)."""
         dense = layer.dense()
         return cls(quantize_layer(dense, params), params, dense.keys.dtype)
@@ -166,21 +175,21 @@ class QuantizedLayerCache(LayerCache):
         self.residual = LayerCache(self.spec, rest.keys, rest.values, rest.positions) if mask is not None else rest
 
     # -- copies ----------------------------------------------------------------------------------------------------
-    def fork(self) -> "QuantizedLayerCache":
+    def fork(self) -> QuantizedLayerCache:
         twin = object.__new__(QuantizedLayerCache)
         twin.__dict__.update(self.__dict__)
         twin.codes = dict(self.codes)
         twin.residual = self.residual.fork()
         return twin
 
-    def clone(self) -> "QuantizedLayerCache":
+    def clone(self) -> QuantizedLayerCache:
         twin = self.fork()
         twin.codes = {name: tensor.clone() for name, tensor in self.codes.items()}
         twin.code_positions = self.code_positions.clone()
         twin.residual = self.residual.clone()
         return twin
 
-    def to(self, device: torch.device | str) -> "QuantizedLayerCache":
+    def to(self, device: torch.device | str) -> QuantizedLayerCache:
         twin = self.fork()
         twin.codes = {name: tensor.to(device) for name, tensor in self.codes.items()}
         twin.code_positions = self.code_positions.to(device)

@@ -5,8 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from kvlab.cli.common import (add_kv_quant_argument, add_model_arguments, add_policy_arguments, kv_quant_from_args,
-                              policy_from_args, ratio_from_args, read_text)
+from kvlab.cli.common import (
+    add_kv_quant_argument,
+    add_model_arguments,
+    add_policy_arguments,
+    kv_quant_from_args,
+    policy_from_args,
+    ratio_from_args,
+    read_text,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         return run_cached(args, sampling)
     context = read_text(args.context_file)
     policy = policy_from_args(args)
-    loaded = load_model(args.model, device=args.device, progress=not args.json)
+    loaded = load_model(args.model, device=args.device, weights=args.weights, progress=not args.json)
     engine = Engine(loaded, chunk_tokens=args.chunk_tokens)
     answer = engine.ask(context, args.question, policy, ratio=ratio_from_args(args), budget_tokens=args.budget,
                         query_aware=args.query_aware, max_new_tokens=args.max_new_tokens, sampling=sampling,
@@ -69,7 +76,7 @@ def run_cached(args: argparse.Namespace, sampling) -> int:
 
         raise ParameterError("--cache holds a document compressed before any question was seen; drop "
                              "--query-aware (or use --context-file for a query-aware run)")
-    loaded = load_model(args.model, device=args.device, progress=not args.json)
+    loaded = load_model(args.model, device=args.device, weights=args.weights, progress=not args.json)
     engine = Engine(loaded, chunk_tokens=args.chunk_tokens)
     document = open_document(engine, args.cache, kv_quant=kv_quant_from_args(args))
     meta = document.meta

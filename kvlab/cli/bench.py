@@ -10,6 +10,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a named grid (quick: ~5 min on 2 CPU cores); explicit flags override its values")
     parser.add_argument("--model", default="smollm2-135m", help="model to benchmark (default: %(default)s)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--weights", choices=["fp", "int8"], default="fp",
+                        help="int8: weight-only int8 linear layers; the model changes (and so its fingerprint)")
     parser.add_argument("--tasks", default=None, help="comma-separated task names (see --list-tasks)")
     parser.add_argument("--data", default=None, help="JSONL file of your own cases instead of generated tasks")
     parser.add_argument("--lengths", default=None, help="comma-separated context lengths in tokens (e.g. 1024,2048)")

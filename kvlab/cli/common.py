@@ -14,6 +14,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="embedded name (smollm2-135m, gemma3-270m, tiny-llama, tiny-gemma3), local folder or "
                              "Hugging Face id (default: %(default)s)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--weights", choices=["fp", "int8"], default="fp",
+                        help="int8: weight-only int8 linear layers (gpt-fast's scheme), faster CPU decoding; this "
+                             "changes the model, not the cache (default: fp, the model's own weights)")
 
 
 def add_policy_arguments(parser: argparse.ArgumentParser) -> None:

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     policy = policy_from_args(args)
     quantization = (QuantizationParams(args.quantize, args.group_size, args.residual_tokens)
                     if args.quantize else None)
-    engine = Engine(load_model(args.model, device=args.device, progress=not args.json),
+    engine = Engine(load_model(args.model, device=args.device, weights=args.weights, progress=not args.json),
                     chunk_tokens=args.chunk_tokens)
     document = store_document(lambda: compress_document(
         engine, text, policy, ratio=ratio_from_args(args), budget_tokens=args.budget, quantization=quantization,

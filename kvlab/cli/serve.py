@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from kvlab.store.store import parse_size
 
     policy = policy_from_args(args)  # an unknown policy or parameter fails before the model loads
-    settings = Settings(model=args.model, device=args.device, policy=policy.name, policy_params=policy.params(),
+    settings = Settings(model=args.model, device=args.device, weights=args.weights, policy=policy.name, policy_params=policy.params(),
                         ratio=ratio_from_args(args), budget_tokens=args.budget, kv_quant=args.kv_quant,
                         store_root=args.store,
                         max_queue=args.max_queue, request_timeout_s=args.timeout,

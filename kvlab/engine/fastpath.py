@@ -41,7 +41,7 @@ class FastDecoder:
         self.scaling = attention.scaling
 
     @classmethod
-    def for_model(cls, model) -> "FastDecoder | None":
+    def for_model(cls, model) -> FastDecoder | None:
         cached = model.__dict__.get("_kvlab_fast_decoder", False)
         if cached is not False:
             return cached

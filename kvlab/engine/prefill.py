@@ -8,8 +8,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from kvlab.cache.kvcache import empty_layer
-from kvlab.cache.kvcache import KVCache
+from kvlab.cache.kvcache import KVCache, empty_layer
 from kvlab.cache.layout import LayerSpec
 from kvlab.cache.observations import ObservationRequest, Observations
 from kvlab.engine.observe import ObservationRecorder

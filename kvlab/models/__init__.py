@@ -22,6 +22,7 @@ class LoadedModel:
     name: str
     model: torch.nn.Module
     tokenizer: object
+    weights: str = "fp"  # "int8": linear layers hold int8 weights (models.weights); the model itself changed
 
     @property
     def config(self):
@@ -52,8 +53,15 @@ def default_device_and_dtype() -> tuple[torch.device, torch.dtype]:
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | None = None,
-               dtype: torch.dtype | None = None, progress: bool = True) -> LoadedModel:
-    """Load ``smollm2-135m``, ``gemma3-270m``, ``tiny-llama``, ``tiny-gemma3``, a local folder or a hub id."""
+               dtype: torch.dtype | None = None, progress: bool = True, weights: str = "fp") -> LoadedModel:
+    """Load ``smollm2-135m``, ``gemma3-270m``, ``tiny-llama``, ``tiny-gemma3``, a local folder or a hub id.
+
+    ``weights="int8"`` quantizes the linear layers' weights (``models.weights``, gpt-fast's weight-only int8): a
+    different model, faster to decode on CPU; its fingerprint differs, so caches are never mixed between the two.
+    """
+    from kvlab.models.weights import check_weight_scheme, quantize_weights
+
+    check_weight_scheme(weights)
     default_device, default_dtype = default_device_and_dtype()
     target_device = torch.device(device) if device else default_device
     target_dtype = dtype or (default_dtype if target_device.type == "cuda" else torch.float32)
@@ -66,7 +74,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | None = None,
         folder = _resolve_folder(name_or_path, progress)
         model, tokenizer = _load_pretrained(folder, target_dtype)
     model = model.to(device=target_device, dtype=target_dtype).eval()
-    return LoadedModel(name=name_or_path, model=model, tokenizer=tokenizer)
+    quantize_weights(model, weights)
+    return LoadedModel(name=name_or_path, model=model, tokenizer=tokenizer, weights=weights)
 
 
 def _resolve_folder(name_or_path: str, progress: bool) -> str:

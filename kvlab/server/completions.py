@@ -20,14 +20,24 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from kvlab.engine import compression
 from kvlab.engine.sampling import SamplingConfig
 from kvlab.server.errors import ApiError, error_body
-from kvlab.engine import compression
 from kvlab.server.generation import Options, Result, generate
 from kvlab.server.library import document_path
 from kvlab.server.prompts import Prompt, chat_token_ids, completion_token_ids, document_chat_token_ids
-from kvlab.server.schemas import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, Completion,
-                                  CompletionChoice, CompletionRequest, KvlabStats, PromptTokensDetails, Usage)
+from kvlab.server.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    KvlabStats,
+    PromptTokensDetails,
+    Usage,
+)
 from kvlab.server.state import ServerState
 from kvlab.server.worker import Listener, wait_result
 
@@ -96,7 +106,7 @@ async def _respond(state: ServerState, request: Request, body, prompt: Callable[
                                       "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _stream(listener: Listener, shape: "Shape", include_usage: bool) -> AsyncIterator[str]:
+async def _stream(listener: Listener, shape: Shape, include_usage: bool) -> AsyncIterator[str]:
     try:
         if shape.chat:  # OpenAI opens a chat stream with the role; a completion stream starts with text
             yield _sse(shape.chunk(first=True, include_usage=include_usage))

@@ -19,8 +19,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kvlab.errors import (CacheFileError, CacheMismatchError, ContextTooLongError, KvlabError, UnknownModelError,
-                          UnknownNameError, UnknownPolicyError)
+from kvlab.errors import (
+    CacheFileError,
+    CacheMismatchError,
+    ContextTooLongError,
+    KvlabError,
+    UnknownModelError,
+    UnknownNameError,
+    UnknownPolicyError,
+)
 
 log = logging.getLogger("kvlab.server")
 

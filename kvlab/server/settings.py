@@ -19,6 +19,7 @@ class Settings:
     policy_params: dict = field(default_factory=dict)  # that policy's parameters
     ratio: float | None = None  # fraction of document tokens evicted; None with a policy other than full: 0.5
     budget_tokens: int | None = None  # alternative to ratio: document tokens kept per head per layer
+    weights: str = "fp"  # "int8": weight-only int8 linear layers (a different, faster model on CPU)
     kv_quant: str | None = None  # int8, int4 or int2: documents are stored and held quantized in memory (KIVI)
     store_root: Path | str | None = None  # document store folder; None: $KVLAB_CACHE_DIR/kv
     max_queue: int = 8  # requests waiting for the model beyond the one running; more get 429

@@ -49,7 +49,8 @@ def build_state(settings: Settings, engine: Engine | None = None) -> ServerState
     if engine is None:
         from kvlab.models import load_model
 
-        engine = Engine(load_model(settings.model, device=settings.device), chunk_tokens=settings.chunk_tokens)
+        engine = Engine(load_model(settings.model, device=settings.device, weights=settings.weights),
+                        chunk_tokens=settings.chunk_tokens)
     metrics = Metrics()
     sessions = PrefixCache(settings.session_cache_bytes, settings.session_cache_entries)
     worker = Worker(engine.model, settings.max_queue,

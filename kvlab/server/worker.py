@@ -47,7 +47,7 @@ def timeout_error(timeout_s: float) -> ApiError:
 class Job:
     """One request's work. ``deadline`` is on the ``time.monotonic`` clock."""
 
-    def __init__(self, fn: Callable[["Job"], object], timeout_s: float,
+    def __init__(self, fn: Callable[[Job], object], timeout_s: float,
                  loop: asyncio.AbstractEventLoop | None) -> None:
         self.fn = fn
         self.timeout_s = timeout_s
@@ -88,7 +88,7 @@ class Job:
         remaining = self.deadline - time.monotonic()
         try:
             return await asyncio.wait_for(self.events.get(), timeout=max(remaining, 0.0))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.cancel("timeout")
             raise timeout_error(self.timeout_s) from None
 

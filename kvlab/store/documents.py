@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvlab.cache.quant import QuantizationParams, quantize_cache
-from kvlab.engine import Engine, memory_figures, resolve_budget
 from kvlab.cache.quantized import from_stored, quantization_of, quantize_in_memory
+from kvlab.engine import Engine, memory_figures, resolve_budget
 from kvlab.engine.conversation import CompressionRule, Conversation
 from kvlab.errors import CorruptCacheError, KvlabError, MissingCacheFileError, ParameterError
 from kvlab.fileio import atomic_write

@@ -23,12 +23,17 @@ import torch
 from kvlab.cache.kvcache import KVCache
 from kvlab.cache.quant import QuantizedKVCache
 from kvlab.cache.quantized import from_stored
-from kvlab.errors import (CacheChecksumError, CacheMismatchError, CorruptCacheError, MissingCacheFileError,
-                          ParameterError)
+from kvlab.errors import (
+    CacheChecksumError,
+    CacheMismatchError,
+    CorruptCacheError,
+    MissingCacheFileError,
+    ParameterError,
+)
+from kvlab.fileio import atomic_write_bytes
 from kvlab.models import LoadedModel
 from kvlab.models.fingerprint import tokenizer_fingerprint
 from kvlab.policies.base import Policy
-from kvlab.fileio import atomic_write_bytes
 from kvlab.store.meta import RECREATE, CacheMeta, dtype_name
 from kvlab.store.tensors import cache_to_tensors, payload_sha256, tensors_to_cache
 

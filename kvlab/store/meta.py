@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata as importlib_metadata
 
 import torch
@@ -36,7 +36,7 @@ def kvlab_version() -> str:
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -96,7 +96,7 @@ class CacheMeta:
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text: str, source: str = "cache metadata") -> "CacheMeta":
+    def from_json(cls, text: str, source: str = "cache metadata") -> CacheMeta:
         """Parse and verify; raises CacheVersionError, CacheChecksumError or CacheMetadataError naming ``source``."""
         try:
             data = json.loads(text)
@@ -117,7 +117,7 @@ class CacheMeta:
         return cls.from_dict(data, source)
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "cache metadata") -> "CacheMeta":
+    def from_dict(cls, data: dict, source: str = "cache metadata") -> CacheMeta:
         names = {f.name for f in dataclasses.fields(cls)}
         missing, unknown = sorted(names - data.keys()), sorted(data.keys() - names)
         if missing or unknown:

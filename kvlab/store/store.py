@@ -21,8 +21,8 @@ from pathlib import Path
 
 from kvlab.cache.quant import QuantizationParams
 from kvlab.errors import CacheFileError, ParameterError, UnknownCacheEntryError
-from kvlab.models.convert import cache_root
 from kvlab.fileio import TEMP_SUFFIX, atomic_write, fsync_directory
+from kvlab.models.convert import cache_root
 from kvlab.store.format import FILE_SUFFIX, read_meta
 from kvlab.store.meta import CacheMeta
 

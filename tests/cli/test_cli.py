@@ -94,3 +94,26 @@ def test_models_listing(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "smollm2-135m" in out and "gemma3-270m" in out
+
+
+def test_ask_json_reports_held_bytes_against_fp16_full(document, capsys):
+    base = ["ask", "--model", "tiny-llama", "--context-file", str(document), "--question", QUESTION,
+            "--policy", "snapkv", "--ratio", "0.5", "--max-new-tokens", "3", "--json"]
+    assert main(base) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(base + ["--kv-quant", "int4", "--weights", "int8"]) == 0
+    quantized = json.loads(capsys.readouterr().out)
+    assert plain["kv_quant"] is None and quantized["kv_quant"] == "int4"
+    assert plain["kv_bytes_full_fp16"] == quantized["kv_bytes_full_fp16"]
+    # fp32 storage of half the tokens is the fp16 size of all of them; int4 holds far less than that
+    assert plain["compression"] == pytest.approx(1.0, abs=0.05)
+    assert quantized["kv_bytes_kept"] < plain["kv_bytes_kept"] / 2
+    assert quantized["compression"] == pytest.approx(plain["kv_bytes_kept"] / quantized["kv_bytes_kept"]
+                                                     * plain["compression"], rel=1e-3)
+
+
+def test_unknown_weights_scheme_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ask", "--model", "tiny-llama", "--context-file", "x", "--question", "q", "--weights", "int3"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'int3'" in capsys.readouterr().err

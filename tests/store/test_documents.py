@@ -8,12 +8,17 @@ import torch
 from kvlab.bench.haystack import build_haystack
 from kvlab.cache.quant import QuantizationParams
 from kvlab.engine import Engine, SamplingConfig
-from kvlab.errors import (CacheMismatchError, KvlabError, MissingCacheFileError, ParameterError,
-                          UnknownCacheEntryError)
+from kvlab.errors import CacheMismatchError, KvlabError, MissingCacheFileError, ParameterError, UnknownCacheEntryError
 from kvlab.policies import make_policy
 from kvlab.store import CacheStore, load_cache, meta_for, save_cache
-from kvlab.store.documents import (compress_document, conversation_for, copy_out, document_key, open_document,
-                                   save_conversation)
+from kvlab.store.documents import (
+    compress_document,
+    conversation_for,
+    copy_out,
+    document_key,
+    open_document,
+    save_conversation,
+)
 
 QUESTION = "What is the pass key?"
 MAX_NEW = 6

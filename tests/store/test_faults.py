@@ -12,8 +12,16 @@ import safetensors.torch
 import torch
 
 from kvlab.cache.quant import quantize_cache
-from kvlab.errors import (CacheChecksumError, CacheFileError, CacheMetadataError, CacheMismatchError,
-                          CacheVersionError, CorruptCacheError, KvlabError, MissingCacheFileError)
+from kvlab.errors import (
+    CacheChecksumError,
+    CacheFileError,
+    CacheMetadataError,
+    CacheMismatchError,
+    CacheVersionError,
+    CorruptCacheError,
+    KvlabError,
+    MissingCacheFileError,
+)
 from kvlab.models.fingerprint import tokenizer_fingerprint
 from kvlab.store import load_cache, read_meta, save_cache
 from kvlab.store.tensors import payload_sha256
