@@ -170,13 +170,14 @@ def report(results: dict, model: str) -> None:
             if "kv_bytes_kept" in row:
                 extra = (f"  held {row['kv_bytes_kept'] / 2**20:7.1f} MiB  {row['compression']:5.2f}x vs fp16 full"
                          f"  x{row['tokens_per_s'] / full:.2f} of kvlab full")
-            print(f"  {name:22s} {row['tokens_per_s']:6.1f} tok/s  x{row['tokens_per_s'] / base:.2f} of generate{extra}")
+            print(f"  {name:22s} {row['tokens_per_s']:6.1f} tok/s  "
+                  f"x{row['tokens_per_s'] / base:.2f} of generate{extra}")
         print(f"  full: same tokens as generate: {rows['full']['same_tokens_as_generate']}")
         anchor = results["llama_cpp"].get(length)
         if anchor:
             print(f"  llama.cpp {anchor['decode_tok_s']:.1f} tok/s; kvlab weights int8 = "
                   f"x{rows['full, weights int8']['tokens_per_s'] / anchor['decode_tok_s']:.2f} of it")
-    for length, row in results["prefill"].items():
+    for row in results["prefill"].values():
         print(f"prefill at {row['tokens']} tokens: transformers {row['transformers_forward_tok_s']:.0f} tok/s, "
               f"kvlab {row['kvlab_prefill_tok_s']:.0f} tok/s, x{row['ratio']:.2f}")
     fidelity = results["weights_int8_fidelity"]

@@ -2,7 +2,8 @@
 recording) against a plain transformers forward over the same tokens (sdpa attention, logits for the last
 position only). Prints tokens/s for each and their ratio, measured in one run; writes JSON.
 
-    python benchmarks/prefill_throughput.py --model smollm2-135m --tokens 2000 --repeats 3 --out benchmarks/results/prefill_smollm2_cpu.json
+    python benchmarks/prefill_throughput.py --model smollm2-135m --tokens 2000 --repeats 3 \
+        --out benchmarks/results/prefill_smollm2_cpu.json
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ wall time. TTFT phase (server idle): a ~D-token generated document is posted onc
 prefilled); TTFT is the time to the first content chunk. The first document question also reads the document from
 the store, so it is reported apart ("cold"). Prints the figures; writes JSON.
 
-    python benchmarks/server_load.py --model smollm2-135m --clients 4 --seconds 20 --max-tokens 16 --out benchmarks/results/server_load_smollm2_cpu.json
+    python benchmarks/server_load.py --model smollm2-135m --clients 4 --seconds 20 --max-tokens 16 \
+        --out benchmarks/results/server_load_smollm2_cpu.json
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ fidelity). The per-cell way calls `Engine.ask` for every cell, which prefills th
 fidelity scoring, so the ratio printed is, if anything, conservative. Also checks that both ways give the same
 answers.
 
-    python benchmarks/sweep_speedup.py --model smollm2-135m --length 1024 --samples 2 --out benchmarks/results/sweep_speedup.json
+    python benchmarks/sweep_speedup.py --model smollm2-135m --length 1024 --samples 2 \
+        --out benchmarks/results/sweep_speedup.json
 """
 
 from __future__ import annotations

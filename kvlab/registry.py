@@ -40,6 +40,8 @@ class Registry(Generic[T]):
         if self._entry_points_loaded:
             return
         self._entry_points_loaded = True
+        if self.entry_point_group is None:
+            return
         for entry in entry_points(group=self.entry_point_group):
             entry.load()  # the loaded module registers itself through the decorator
 

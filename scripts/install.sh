@@ -4,7 +4,7 @@
 #   bash scripts/install.sh --test   # the same plus the test dependencies
 # Torch is pinned to the CPU build 2.13.0: any other spec pulls a multi-GB CUDA build on CPU machines.
 # CUDA users choose their own build: KVLAB_TORCH_SPEC="torch" bash scripts/install.sh
-# (or KVLAB_TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128").
+# (or KVLAB_TORCH_SPEC="torch --index-url <your CUDA wheel index>").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

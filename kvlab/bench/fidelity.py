@@ -24,7 +24,9 @@ def teacher_forced_log_probs(model, cache: KVCache, first_logits: torch.Tensor,
     steps = [first_logits.float()[None]]
     if len(reference_ids) > 1:
         runner = ModelRunner(model, cache.fork())
-        steps.append(runner.feed(torch.tensor(reference_ids[:-1]), logits_to_keep=len(reference_ids) - 1))
+        logits = runner.feed(torch.tensor(reference_ids[:-1]), logits_to_keep=len(reference_ids) - 1)
+        assert logits is not None  # logits_to_keep >= 1 here
+        steps.append(logits)
     return torch.cat(steps).log_softmax(dim=-1)
 
 

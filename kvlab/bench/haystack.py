@@ -98,7 +98,7 @@ def _sentence_shapes() -> list[Callable[[random.Random, dict], str]]:
 SHAPES = _sentence_shapes()
 
 
-def paragraphs(seed: int):
+def paragraphs(seed: int | str):
     """Endless stream of paragraphs, each a list of sentences on one topic, deterministic for a seed."""
     rng = random.Random(seed)
     while True:

@@ -25,7 +25,8 @@ def write_report(out_dir: Path, rows: list[dict], meta: dict) -> dict:
     summary = summarize(rows)
     turns = per_turn(rows)
     table = markdown_tables(summary, turns)
-    atomic_write_text(out_dir / "summary.json", json.dumps({"meta": meta, "rows": summary, "turns": turns}, indent=2) + "\n")
+    atomic_write_text(out_dir / "summary.json",
+                      json.dumps({"meta": meta, "rows": summary, "turns": turns}, indent=2) + "\n")
     atomic_write_text(out_dir / "report.md", f"# kvlab bench report\n\n{_meta_lines(meta)}\n\n{table}\n")
     figures = {"Score vs eviction ratio": score_vs_ratio(summary),
                "Needle retrieval by depth and length": needle_heatmaps(rows),
@@ -36,8 +37,8 @@ def write_report(out_dir: Path, rows: list[dict], meta: dict) -> dict:
 
 
 def _meta_lines(meta: dict) -> str:
-    keys = ("model", "mode", "query_aware", "quantizations", "tasks", "lengths", "samples", "policies", "ratios", "prefills", "rows",
-            "wall_s")
+    keys = ("model", "mode", "query_aware", "quantizations", "tasks", "lengths", "samples", "policies", "ratios",
+            "prefills", "rows", "wall_s")
     return "\n".join(f"- {key}: {meta[key]}" for key in keys if key in meta)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import resource
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from kvlab.cache.quant import SCHEME_BITS, QuantizationParams, quantize_cache
 from kvlab.cache.quantized import quantize_in_memory
 from kvlab.engine import Engine, SamplingConfig, context_kept_tokens, memory_figures
 from kvlab.engine.conversation import CompressionRule, Conversation
+from kvlab.engine.prefill import PrefillResult
 from kvlab.errors import ParameterError
 from kvlab.policies import make_policy
 from kvlab.policies.base import Policy
@@ -60,7 +62,7 @@ class Cell:
         return self.policy.name == "full" and self.quantization is None
 
 
-def grid(policy_names: list[str], ratios: list[float], quantizations: list[str | None] = (None,)) -> list[Cell]:
+def grid(policy_names: list[str], ratios: list[float], quantizations: Sequence[str | None] = (None,)) -> list[Cell]:
     """The cells of a sweep: ``full`` once per quantization (ratio 0), every other policy at every ratio."""
     if not policy_names:
         raise ParameterError("give at least one policy (e.g. --policies full,snapkv)")
@@ -97,7 +99,7 @@ class _Context:
 
     sample: Sample
     context_tokens: int
-    result: object
+    result: PrefillResult
     suffix_ids: torch.Tensor | None
     question_index: int = 0
 

@@ -56,8 +56,9 @@ class BenchRequest:
             out_dir=args.out,
             query_aware=(bool(args.preset) and base.query_aware and args.mode == "single")
             if args.query_aware is None else args.query_aware,
-            mode=args.mode, quantizations=_quantizations(args.quantize), data_file=args.data, haystack_dir=args.haystack_dir,
-            seed=args.seed, device=args.device, weights=args.weights, chunk_tokens=args.chunk_tokens, force=args.force)
+            mode=args.mode, quantizations=_quantizations(args.quantize), data_file=args.data,
+            haystack_dir=args.haystack_dir, seed=args.seed, device=args.device, weights=args.weights,
+            chunk_tokens=args.chunk_tokens, force=args.force)
 
 
 def _quantizations(text: str | None) -> tuple[str | None, ...]:
@@ -124,7 +125,8 @@ def run_bench(request: BenchRequest, *, progress: bool = True, loaded=None) -> B
             "tasks": [request.data_file] if request.data_file else list(request.tasks),
             "lengths": list(request.lengths), "samples": request.samples, "policies": list(request.policies),
             "ratios": list(request.ratios), "prefills": state["prefills"], "rows": len(results.rows),
-            "wall_s": round(state["wall_s"], 1), "cells_per_prefill": round(len(results.rows) / max(1, state["prefills"]), 2)}
+            "wall_s": round(state["wall_s"], 1),
+            "cells_per_prefill": round(len(results.rows) / max(1, state["prefills"]), 2)}
     paths = write_report(out_dir, _rows_of(results.rows, request), meta)
     status = (f"{outcome.rows_written} rows from {outcome.prefills} prefills in {outcome.wall_s:.0f} s"
               f" ({outcome.cells_skipped} cells already done); {len(results.rows)} rows in {out_dir}/results.jsonl")

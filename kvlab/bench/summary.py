@@ -84,7 +84,8 @@ def markdown_tables(summary: list[dict], turns: list[dict] | None = None) -> str
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in sorted(totals, key=lambda r: (-r["score"], r["policy"], r["ratio"], str(r["quantization"]))):
         lines.append(f"| {cell_label(row)} | {row['score']:.3f} ± {row['stderr']:.3f} | {row['n']} "
-                     f"| {_number(row['kl_vs_full'], 4)} | {row['matches_full']:.0%} | {row['kv_bytes_kept'] / 2**20:.2f} "
+                     f"| {_number(row['kl_vs_full'], 4)} | {row['matches_full']:.0%} "
+                     f"| {row['kv_bytes_kept'] / 2**20:.2f} "
                      f"| {_number(row.get('compression'), 2)}x | {row['kept_tokens']:.0f} |")
     by_cell = {(row["policy"], row["ratio"], row["quantization"], row["task"]): row
                for row in summary if row["length"] == 0}

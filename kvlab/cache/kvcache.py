@@ -186,7 +186,9 @@ class LayerCache:
         values[:, :count] = self.values
         positions[:, :count] = self.positions
         if valid is not None:
-            valid[:, :count] = self.padding_free
+            padding_free = self.padding_free
+            assert padding_free is not None  # both come from the same buffer's ``valid``
+            valid[:, :count] = padding_free
             if bool(valid[:, :count].all()):
                 valid = None  # the padding was trimmed away (a sliding layer never has any)
         self._buffer = SlotBuffer(keys, values, positions, valid, count)

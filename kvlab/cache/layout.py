@@ -53,6 +53,8 @@ def layout_from_config(config) -> list[LayerSpec]:
         if layer_type == "full_attention":
             specs.append(LayerSpec("full", kv_heads, query_heads, head_dim))
         elif layer_type == "sliding_attention":
+            if window is None:
+                raise UnsupportedModelError("the config has sliding-attention layers but no sliding_window size")
             specs.append(LayerSpec("sliding", kv_heads, query_heads, head_dim, window_tokens=int(window)))
         else:
             raise UnsupportedModelError(

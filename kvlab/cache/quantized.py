@@ -4,7 +4,8 @@
 points (keys per channel over groups of ``group_size`` tokens, values per token over groups of channels) and whose
 newest tokens sit in a full-precision residual, a plain growable ``LayerCache``. New tokens go to the residual;
 after a forward pass (``settle``), while it holds ``residual_tokens + group_size`` slots or more, its oldest
-``group_size`` slots are quantized as one more key group (KIVI's streaming rule). Attention dequantizes one layer at a time, at each step, into a transient
+``group_size`` slots are quantized as one more key group (KIVI's streaming rule). Attention dequantizes one layer at
+a time, at each step, into a transient
 tensor: the memory held between steps is the codes, the scales and the residual (``held_bytes``).
 
 The slot order, shared by ``keys``, ``values``, ``positions`` and ``padding_free``, is the quantized block then the

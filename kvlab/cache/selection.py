@@ -12,7 +12,8 @@ from kvlab.cache.kvcache import PADDING_POSITION, LayerCache
 
 
 def protection_mask(positions: torch.Tensor, sink_tokens: int, recent_start: int, recent_end: int) -> torch.Tensor:
-    """(heads, slots) bool: slots that must be kept: the first ``sink_tokens`` positions and [recent_start, recent_end)."""
+    """(heads, slots) bool: slots that must be kept: the first ``sink_tokens`` positions and
+    [recent_start, recent_end)."""
     valid = positions != PADDING_POSITION
     sinks = positions < sink_tokens
     recent = (positions >= recent_start) & (positions < recent_end)

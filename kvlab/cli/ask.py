@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens; 0 = off (default)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for sampling (default: 0); the random policy takes -p seed=N")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed for sampling (default: 0); the random policy takes -p seed=N")
     parser.add_argument("--chunk-tokens", type=int, default=1024, help="prefill chunk size in tokens (default: 1024)")
     parser.add_argument("--force", action="store_true", help="run even if the prompt exceeds the model's window")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -81,6 +82,7 @@ def run_cached(args: argparse.Namespace, sampling) -> int:
     document = open_document(engine, args.cache, kv_quant=kv_quant_from_args(args))
     meta = document.meta
     held_bytes, full_fp16 = document.cache.held_bytes, document.cache.kv_bytes_full_fp16
+    held_quantization = quantization_of(document.cache)
     turn = conversation_for(engine, document).ask(args.question, max_new_tokens=args.max_new_tokens,
                                                   sampling=sampling, answer_prefix=args.answer_prefix,
                                                   force=args.force)
@@ -91,7 +93,7 @@ def run_cached(args: argparse.Namespace, sampling) -> int:
         kv_bytes_full=int(meta.extra.get("kv_bytes_full", 0)), kv_bytes_kept=held_bytes,
         kv_bytes_allocated=document.cache.allocated_bytes, kv_bytes_full_fp16=full_fp16, prefill_s=turn.question_s,
         compress_s=turn.compress_s, decode_s=turn.decode_s, decode_tokens=len(turn.token_ids),
-        kv_quant=None if quantization_of(document.cache) is None else quantization_of(document.cache).scheme,
+        kv_quant=None if held_quantization is None else held_quantization.scheme,
         extra={"stopped_by": turn.stopped_by, "cache_file": str(args.cache), "file_bytes": document.file_bytes,
                "quantization": meta.quantization.scheme if meta.quantization else None})
     load_s = meta.extra["load_s"]

@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
         f"prefill {document.prefill_s:.2f} s, compress {document.compress_s * 1000:.0f} ms")
     print(f"{path}\n[{policy.name}{' ' + args.quantize if args.quantize else ''}] context {document.context_tokens} "
           f"tok | kept {document.kept_tokens:.0f} tok/head | KV held {format_mib(document.kv_bytes_kept)} vs "
-          f"{format_mib(document.kv_bytes_full_fp16)} full fp16 ({compression(document.kv_bytes_full_fp16, document.kv_bytes_kept):.2f}x) | "
+          f"{format_mib(document.kv_bytes_full_fp16)} full fp16 "
+          f"({compression(document.kv_bytes_full_fp16, document.kv_bytes_kept):.2f}x) | "
           f"file {format_mib(document.file_bytes)} | {origin} | "
           f"key {document.key[:12]}")
     return 0

@@ -6,7 +6,8 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tokens", type=int, default=2000, help="document length in the model's tokens (default: 2000)")
+    parser.add_argument("--tokens", type=int, default=2000,
+                        help="document length in the model's tokens (default: 2000)")
     parser.add_argument("--passkey", default="68219", help="the value to hide (default: 68219)")
     parser.add_argument("--depth", type=float, default=0.5, help="where to hide it: 0 = start, 1 = end (default: 0.5)")
     parser.add_argument("--seed", type=int, default=0, help="text generator seed (default: 0)")

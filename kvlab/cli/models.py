@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
         elif not row["installed"]:
             state = f"not installed ({row['install']})"
         else:
-            state = f"converted, cached at {row['cache_dir']}" if row["converted"] else "installed; converts on first load (20-80 s)"
+            state = (f"converted, cached at {row['cache_dir']}" if row["converted"]
+                     else "installed; converts on first load (20-80 s)")
         print(f"{row['name']:<13} {row['description']}\n{'':<13} {state}")
     print("Any Hugging Face model id or local folder also works with --model.")
     return 0

@@ -135,7 +135,7 @@ class Engine:
             first_logits = self._feed(runner, suffix_ids)
         if first_logits is None:
             raise ParameterError("nothing to continue from: give a non-empty question")
-        text = TextStream(self.tokenizer, stop) if stop is not None or on_text is not None else None
+        text = TextStream(self.tokenizer, stop or []) if stop is not None or on_text is not None else None
         return decode(runner, first_logits, max_new_tokens=max_new_tokens, sampler=Sampler(sampling),
                       stop_token_ids=set() if ignore_eos else self.stop_ids, text=text, on_text=on_text,
                       check=check)
@@ -148,7 +148,9 @@ class Engine:
         if not token_ids.numel():
             raise ParameterError("nothing to feed: the token sequence is empty")
         for start in range(0, int(token_ids.numel()), self.chunk_tokens):
-            logits = runner.feed(token_ids[start:start + self.chunk_tokens], observer=observer)[-1]
+            chunk_logits = runner.feed(token_ids[start:start + self.chunk_tokens], observer=observer)
+            assert chunk_logits is not None  # feed returns logits unless logits_to_keep=0
+            logits = chunk_logits[-1]
         return logits
 
     # -- the whole job ----------------------------------------------------------------------------------------

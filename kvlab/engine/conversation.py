@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +27,9 @@ from kvlab.engine.observe import ObservationRecorder
 from kvlab.engine.sampling import SamplingConfig
 from kvlab.errors import ParameterError
 from kvlab.policies.base import Policy
+
+if TYPE_CHECKING:
+    from kvlab.engine import Engine
 
 DEFAULT_HEADROOM = 0.25  # fraction above the budget a cache may grow before it is compressed again
 
@@ -93,7 +97,7 @@ class Conversation:
     grows.
     """
 
-    engine: object
+    engine: Engine
     cache: KVCache
     rule: CompressionRule | None = None
     turns_before: int = 0

@@ -58,7 +58,9 @@ def decode(runner: ModelRunner, first_logits: torch.Tensor, *, max_new_tokens: i
             break
         if check is not None:
             check()
-        logits = runner.feed(torch.tensor([token], dtype=torch.long))[-1]
+        step_logits = runner.feed(torch.tensor([token], dtype=torch.long))
+        assert step_logits is not None  # feed returns logits unless logits_to_keep=0
+        logits = step_logits[-1]
     if text is not None:
         text.finish()
         _emit(text, on_text, final=True)

@@ -47,6 +47,7 @@ class ObservationRecorder:
         if observation.window_queries is None:
             observation.window_queries, observation.window_positions = new_queries, new_positions
         else:
+            assert observation.window_positions is not None  # recorded together with window_queries
             observation.window_queries = torch.cat([observation.window_queries, new_queries], dim=1)
             observation.window_positions = torch.cat([observation.window_positions, new_positions])
 

@@ -56,4 +56,5 @@ def prefill(model, layout: list[LayerSpec], token_ids: torch.Tensor, *,
                              logits_to_keep=1 if is_last else 0)
         bar.update(int(chunk.numel()))
     bar.close()
+    assert logits is not None  # the last chunk asks for logits
     return PrefillResult(cache, recorder.observations, logits[-1], time.perf_counter() - started)

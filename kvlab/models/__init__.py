@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,7 +22,7 @@ class LoadedModel:
 
     name: str
     model: torch.nn.Module
-    tokenizer: object
+    tokenizer: Any  # a transformers tokenizer
     weights: str = "fp"  # "int8": linear layers hold int8 weights (models.weights); the model itself changed
 
     @property

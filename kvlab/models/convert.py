@@ -71,10 +71,11 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     except ImportError as error:
-        raise ModelLoadError(f"loading GGUF needs extra packages ({error}); run `pip install gguf accelerate`") from None
+        raise ModelLoadError(f"loading GGUF needs extra packages ({error}); "
+                             "run `pip install gguf accelerate`") from None
     # A GGUF-loaded model refuses save_pretrained while it still carries its quantizer; the weights are already
     # dequantized, so the quantization config is dropped as well to make the reload a plain safetensors load.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # undeclared in transformers' stubs
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out_dir)

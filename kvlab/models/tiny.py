@@ -44,7 +44,8 @@ def tiny_llama(seed: int = 0, max_position_embeddings: int = 4096):
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=96, intermediate_size=192, num_hidden_layers=2,
         num_attention_heads=6, num_key_value_heads=3, head_dim=16, max_position_embeddings=max_position_embeddings,
-        rope_theta=10000.0, initializer_range=INIT_RANGE, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, initializer_range=INIT_RANGE,
+        tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
     )
     return _build(LlamaForCausalLM, config, seed), tokenizer

@@ -18,16 +18,22 @@ output, through ``torch.ops.aten._weight_int8pack_mm`` on CPU where it helps, ot
     the text decoder (e.g. a vision tower). A lm_head tied to the embedding (SmolLM2, Gemma 3) gets its own int8
     copy; the embedding keeps its full-precision values and ``config.tie_word_embeddings`` is set to False so that
     transformers does not re-tie them. The model's total bytes therefore drop less than the linears' bytes.
-  - Kernel choice, measured on a 2-core AVX-512 Xeon with torch 2.13 (figures in the project's weights report):
-    ``_weight_int8pack_mm`` has a vectorized CPU kernel only for bf16 activations; with fp32 activations it is 2-4x
-    *slower* than fp32 ``F.linear``, and with fp16 about 10x slower. So for fp32 models the op is called on a bf16
-    copy of the activations (output cast back to fp32), which makes decode-step linears about 2x faster than fp32.
-    The op is a GEMV-style kernel: beyond ``INT8PACK_MAX_ROWS`` rows (prefill) it is slower than fp32 GEMM, so
-    larger inputs take the fallback, which dequantizes the codes once per call and uses fp32 GEMM (prefill runs
-    at about fp32 speed, with exact int8-weight numerics). The op's bf16 path reads out of bounds (it crashed
-    in testing) when ``in_features`` is not a multiple of 16; such layers always take the fallback.
-    ``torch.ao`` dynamic int8 linear (fbgemm/x86) was faster still on some shapes but quantizes the activations
-    too, and that eager-mode API is deprecated in favour of torchao, so it is not used.
+  - Kernel choice, measured on SmolLM2-135M on a 2-core AVX-512 Xeon, torch 2.13, 2 threads (one decode step
+    through all 211 Linears: fp32 ``F.linear`` 22.7 ms). ``_weight_int8pack_mm`` has a vectorized CPU kernel only
+    for bf16 activations: called with fp32 activations, as gpt-fast does for an fp32 model, it took 49 ms (2x
+    *slower* than fp32; fp16 activations are slower still). So fp32 inputs go through the op as a bf16 copy, with
+    the output cast back: 17.0 ms (1.35x faster; 1.6x with 1 thread), at a small cost in fidelity (mean KL to the
+    fp32 model 0.0042 nats vs 0.0038 for the same int8 weights computed in fp32). The dequantizing fallback took
+    33 ms. The op is a GEMV-style kernel: beyond ``INT8PACK_MAX_ROWS`` rows (prefill) it is slower than fp32 GEMM,
+    so larger inputs take the fallback, which dequantizes the codes once per call and runs fp32 GEMM (prefill at
+    about fp32 speed, with exact int8-weight numerics). The op's bf16 path reads out of bounds (it crashed in
+    testing) when ``in_features`` is not a multiple of 16; such layers always take the fallback.
+    Rejected: ``torch.ao`` dynamic int8 linear (fbgemm/x86/onednn) is faster on large shapes but also quantizes
+    the activations per tensor, which wrecked quality (mean KL 0.88 nats, 57% greedy agreement), and that
+    eager-mode API is deprecated in favour of torchao; ``_weight_int4pack_mm_for_cpu`` (group 32) was 2x faster
+    again but is int4 (mean KL 0.051, 87% agreement), a different scheme.
+  - Off CPU (or for fp16 inputs) every call takes the fallback; gpt-fast relies on ``torch.compile`` to fuse it,
+    which kvlab does not do.
 """
 
 from __future__ import annotations
@@ -72,7 +78,8 @@ def quantize_int8_per_channel(weight: torch.Tensor, scale_dtype: torch.dtype | N
     ``scales / 2`` per element. The weight is read, never modified.
     """
     if weight.dim() != 2:
-        raise ParameterError(f"expected a 2-D (out, in) weight, got shape {tuple(weight.shape)}; pass a Linear's weight")
+        raise ParameterError(f"expected a 2-D (out, in) weight, got shape {tuple(weight.shape)}; "
+                             "pass a Linear's weight")
     scale_dtype = scale_dtype or weight.dtype
     w = weight.detach().to(torch.float32)
     scales = (w.abs().amax(dim=1) / INT8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
@@ -93,6 +100,10 @@ class Int8WeightLinear(nn.Module):
     can run (CPU, fp32/bf16 input, op present, aligned ``in_features``); ``"dequant"`` always uses the fallback.
     fp32 inputs go through the op as bf16 (see the module docstring), so that path rounds activations to bf16.
     """
+
+    weight: torch.Tensor
+    scales: torch.Tensor
+    bias: torch.Tensor | None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
@@ -117,6 +128,7 @@ class Int8WeightLinear(nn.Module):
         module.weight.copy_(codes)
         module.scales.copy_(scales)
         if linear.bias is not None:
+            assert module.bias is not None  # built with bias=True above
             module.bias.copy_(linear.bias.detach())
         return module
 
@@ -153,6 +165,7 @@ class Int8WeightLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.choose_kernel(x) == "int8pack":
             rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+            assert _INT8PACK_MM is not None  # choose_kernel picks int8pack only when the op exists
             out = _INT8PACK_MM(rows, self.weight, self._kernel_scales())
             out = out.to(x.dtype).reshape(x.shape[:-1] + (self.out_features,))
         else:
@@ -219,7 +232,7 @@ def _untie(model: nn.Module, targets: list[nn.Linear]) -> bool:
                 cfg.tie_word_embeddings = False
         mapping = getattr(module, "all_tied_weights_keys", None)
         if isinstance(mapping, dict):
-            full = (lambda key: f"{prefix}.{key}" if prefix else key)
+            full = (lambda key, prefix=prefix: f"{prefix}.{key}" if prefix else key)
             for key, value in list(mapping.items()):
                 if full(key) in target_names or full(value) in target_names:
                     mapping.pop(key)
@@ -280,10 +293,10 @@ def weight_fidelity(reference_model: nn.Module, quantized_model: nn.Module, toke
     next-token distributions, in nats), ``"kl_max"`` (nats), ``"top1_agreement"`` (fraction in [0, 1] of positions
     whose greedy argmax tokens agree)``}``.
     """
-    ids = token_ids if token_ids.dim() == 2 else token_ids.reshape(1, -1)
-    if ids.dim() != 2 or ids.numel() == 0 or ids.dtype not in (torch.int64, torch.int32):
+    if token_ids.dim() not in (1, 2) or token_ids.numel() == 0 or token_ids.dtype not in (torch.int64, torch.int32):
         raise ParameterError(f"token_ids must be a non-empty (seq,) or (batch, seq) integer tensor, "
                              f"got shape {tuple(token_ids.shape)} of {token_ids.dtype}")
+    ids = token_ids.reshape(1, -1) if token_ids.dim() == 1 else token_ids
 
     def logits(model: nn.Module) -> torch.Tensor:
         device = next(model.parameters()).device

@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvlab.errors import ParameterError, UnknownPolicyError
 from kvlab.registry import Registry
 
-POLICIES: Registry[type] = Registry("policy", UnknownPolicyError, entry_point_group="kvlab.policies")
+if TYPE_CHECKING:
+    from kvlab.policies.base import Policy
+
+POLICIES: Registry[type[Policy]] = Registry("policy", UnknownPolicyError, entry_point_group="kvlab.policies")
 
 
 def register_policy(name: str):

@@ -22,7 +22,8 @@ from kvlab.policies.base import Policy, ScoreInputs, param
 @register_policy("h2o")
 @dataclass(frozen=True)
 class H2O(Policy):
-    paper = "Zhang et al., 2023 — H2O: Heavy-Hitter Oracle for Efficient Generative Inference of LLMs (arXiv:2306.14048)"
+    paper = ("Zhang et al., 2023 — H2O: Heavy-Hitter Oracle for Efficient Generative Inference of LLMs "
+             "(arXiv:2306.14048)")
     rule = "score = attention accumulated over all prefix queries; recent window kept"
 
     recent_fraction: float = param(0.5, "share of the budget given to the most recent tokens", minimum=0.0,

@@ -17,7 +17,8 @@ from kvlab.policies.base import Policy, ScoreInputs
 @register_policy("knorm")
 @dataclass(frozen=True)
 class KNorm(Policy):
-    paper = "Devoto et al., 2024 — A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression (arXiv:2406.11430)"
+    paper = ("Devoto et al., 2024 — A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression "
+             "(arXiv:2406.11430)")
     rule = "score = -||key||"
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:

@@ -16,9 +16,11 @@ def window_attention(inputs: ScoreInputs, last_queries: int | None = None) -> to
     """
     observation = inputs.observation
     if observation is None or observation.window_queries is None:
-        raise KvlabError("this policy needs observation-window queries; prefill with the policy's observation_request()")
+        raise KvlabError("this policy needs observation-window queries; "
+                         "prefill with the policy's observation_request()")
     queries = observation.window_queries.float()
     query_positions = observation.window_positions
+    assert query_positions is not None  # recorded together with window_queries
     if last_queries is not None:
         queries, query_positions = queries[:, -last_queries:], query_positions[-last_queries:]
     spec = inputs.spec

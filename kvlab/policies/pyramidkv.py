@@ -19,7 +19,8 @@ from kvlab.policies.snapkv import SnapKV
 @register_policy("pyramidkv")
 @dataclass(frozen=True)
 class PyramidKV(SnapKV):
-    paper = "Cai et al., 2024 — PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling (arXiv:2406.02069)"
+    paper = ("Cai et al., 2024 — PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling "
+             "(arXiv:2406.02069)")
     rule = "SnapKV score; layer budgets fall linearly with depth"
 
     beta: float = param(20.0, "pyramid slope: the deepest layer keeps 1/beta of the mean spare budget", minimum=1.0)

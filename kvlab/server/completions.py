@@ -16,6 +16,7 @@ import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import cast
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -71,8 +72,10 @@ async def completions(body: CompletionRequest, request: Request):
     state.check_model(body.model)
     if body.kvlab.document_id is not None:
         raise ApiError(400, "kvlab.document_id works with /v1/chat/completions only", param="kvlab.document_id")
+    # the prompt validator has already unwrapped a one-string list to the string
+    prompt = cast("str | list[int]", body.prompt)
     return await _respond(state, request, body, lambda: Prompt(completion_token_ids(state.engine.tokenizer,
-                                                                                      body.prompt)),
+                                                                                      prompt)),
                           "text_completion")
 
 
@@ -101,8 +104,9 @@ async def _respond(state: ServerState, request: Request, body, prompt: Callable[
         listener.close()
         raise
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    start = cast(dict, payload)  # the "start" event carries the prompt's token counts
     return StreamingResponse(_stream(listener, shape, include_usage), media_type="text/event-stream",
-                             headers={**_headers(payload["prompt_tokens"], payload["cached_tokens"]),
+                             headers={**_headers(start["prompt_tokens"], start["cached_tokens"]),
                                       "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -117,11 +121,12 @@ async def _stream(listener: Listener, shape: Shape, include_usage: bool) -> Asyn
                 yield _sse(error_body(error.message, error.type, error.param, error.code))
                 return
             if event == "delta":
-                yield _sse(shape.chunk(text=payload, include_usage=include_usage))
+                yield _sse(shape.chunk(text=cast(str, payload), include_usage=include_usage))
             elif event == "done":
-                yield _sse(shape.chunk(result=payload, include_usage=include_usage))
+                result = cast(Result, payload)
+                yield _sse(shape.chunk(result=result, include_usage=include_usage))
                 if include_usage:
-                    yield _sse({**shape.envelope(chunk=True), "choices": [], "usage": _usage(payload)})
+                    yield _sse({**shape.envelope(chunk=True), "choices": [], "usage": _usage(result)})
                 yield "data: [DONE]\n\n"
                 return
     finally:
@@ -147,7 +152,8 @@ def _stats(result: Result) -> dict:
                       cached_tokens=result.cached_tokens, kv_bytes=result.kv_bytes, kv_bytes_kept=result.kv_bytes,
                       kv_bytes_full_fp16=result.kv_bytes_full_fp16,
                       compression=round(compression(result.kv_bytes_full_fp16, result.kv_bytes), 3),
-                      recompressed=result.recompressed, prefill_s=round(result.prefill_s, 6), decode_s=round(result.decode_s, 6),
+                      recompressed=result.recompressed, prefill_s=round(result.prefill_s, 6),
+                      decode_s=round(result.decode_s, 6),
                       queue_s=round(result.queue_s, 6)).model_dump()
 
 
@@ -167,13 +173,12 @@ class Shape:
                 "system_fingerprint": self.fingerprint}
 
     def final(self, result: Result) -> dict:
+        usage, stats = Usage.model_validate(_usage(result)), KvlabStats.model_validate(_stats(result))
         if self.chat:
-            choice = ChatChoice(message=AssistantMessage(content=result.text), finish_reason=result.finish_reason)
-            return ChatCompletion(**self.envelope(), choices=[choice], usage=_usage(result),
-                                  kvlab=_stats(result)).model_dump()
+            chat_choice = ChatChoice(message=AssistantMessage(content=result.text), finish_reason=result.finish_reason)
+            return ChatCompletion(**self.envelope(), choices=[chat_choice], usage=usage, kvlab=stats).model_dump()
         choice = CompletionChoice(text=result.text, finish_reason=result.finish_reason)
-        return Completion(**self.envelope(), choices=[choice], usage=_usage(result),
-                          kvlab=_stats(result)).model_dump()
+        return Completion(**self.envelope(), choices=[choice], usage=usage, kvlab=stats).model_dump()
 
     def chunk(self, *, text: str = "", first: bool = False, result: Result | None = None,
               include_usage: bool = False) -> dict:

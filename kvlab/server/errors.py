@@ -13,6 +13,8 @@ import difflib
 import json
 import logging
 import secrets
+from collections.abc import Mapping
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -51,7 +53,7 @@ def error_response(error: ApiError) -> JSONResponse:
                         headers=error.headers)
 
 
-def api_error_for(error: Exception) -> ApiError:
+def api_error_for(error: BaseException) -> ApiError:
     """The HTTP answer for a kvlab error (and for the worker's busy/timeout/cancel errors, which are ApiErrors)."""
     if isinstance(error, ApiError):
         return error
@@ -83,7 +85,7 @@ def internal_error(error: BaseException) -> ApiError:
 def validation_error(error: RequestValidationError, known_fields: set[str]) -> ApiError:
     """Malformed JSON is 400; a body that parses but breaks the schema is 422, naming the first bad field."""
     problems = error.errors()
-    first = problems[0] if problems else {"loc": (), "msg": "invalid request body", "type": ""}
+    first: Mapping[str, Any] = problems[0] if problems else {"loc": (), "msg": "invalid request body", "type": ""}
     if first.get("type") == "json_invalid":
         detail = first.get("ctx", {}).get("error", "parse error")
         return ApiError(400, f"the request body is not valid JSON ({detail}); send a JSON object",
@@ -130,8 +132,9 @@ def install_error_handlers(app: FastAPI, known_fields: set[str]) -> None:
     async def on_unexpected(request: Request, error: Exception):
         return error_response(internal_error(error))
 
-    app.add_exception_handler(ApiError, on_api_error)
-    app.add_exception_handler(KvlabError, on_kvlab_error)
-    app.add_exception_handler(RequestValidationError, on_validation_error)
-    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    # starlette types a handler as taking any Exception, not the class it is registered for
+    app.add_exception_handler(ApiError, on_api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(KvlabError, on_kvlab_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, on_validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, on_http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, on_unexpected)

@@ -128,8 +128,12 @@ def _feed(runner: ModelRunner, token_ids: list[int], job: Job, chunk_tokens: int
     logits = cached_logits
     for start in range(0, len(token_ids), chunk_tokens):
         job.check()
-        logits = runner.feed(torch.tensor(token_ids[start:start + chunk_tokens], dtype=torch.long),
-                             observer=recorder)[-1]
+        chunk_logits = runner.feed(torch.tensor(token_ids[start:start + chunk_tokens], dtype=torch.long),
+                                   observer=recorder)
+        assert chunk_logits is not None  # feed returns logits unless logits_to_keep=0
+        logits = chunk_logits[-1]
+    # PrefixCache.lookup never returns an entry with nothing left to feed and no logits
+    assert logits is not None
     return logits
 
 

@@ -67,7 +67,8 @@ def describe(document_id: str, meta: CacheMeta, file_bytes: int, **extra) -> Doc
     return Document(id=document_id, created_at=meta.created_at, model=meta.model, policy=meta.policy,
                     policy_params=meta.policy_params, ratio=meta.ratio, budget_tokens=meta.budget_tokens,
                     context_tokens=meta.context_tokens, kv_bytes_full=int(meta.extra.get("kv_bytes_full", 0)),
-                    kv_bytes_kept=kept, kv_bytes_full_fp16=full_fp16, compression=round(compression(full_fp16, kept), 3),
+                    kv_bytes_kept=kept, kv_bytes_full_fp16=full_fp16,
+                    compression=round(compression(full_fp16, kept), 3),
                     file_bytes=file_bytes, **extra)
 
 

@@ -41,9 +41,9 @@ class KvlabOptions(BaseModel):
     """The ``kvlab`` extension object of a completion request (openai client: ``extra_body={"kvlab": {...}}``)."""
 
     model_config = ConfigDict(extra="forbid")
-    document_id: str | None = Field(None, description="answer on top of this document's compressed cache")
-    ignore_eos: bool = Field(False, description="keep generating past end-of-turn tokens (for benchmarks)")
-    top_k: int = Field(0, ge=0, description="sample among the k most likely tokens; 0 disables it")
+    document_id: str | None = Field(default=None, description="answer on top of this document's compressed cache")
+    ignore_eos: bool = Field(default=False, description="keep generating past end-of-turn tokens (for benchmarks)")
+    top_k: int = Field(default=0, ge=0, description="sample among the k most likely tokens; 0 disables it")
 
 
 class StreamOptions(BaseModel):

@@ -19,6 +19,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from typing import cast
 
 from kvlab.server.errors import ApiError, api_error_for
 
@@ -210,7 +211,7 @@ class Listener:
     async def next(self) -> tuple[str, object]:
         kind, payload = await self.job.next_event()
         if kind == "error":
-            raise to_api_error(payload, self.job)
+            raise to_api_error(cast(BaseException, payload), self.job)  # an "error" event carries the exception
         return kind, payload
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvlab.cache.quant import QuantizationParams, quantize_cache
+from kvlab.cache.quant import QuantizationParams, QuantizedKVCache, quantize_cache
 from kvlab.cache.quantized import from_stored, quantization_of, quantize_in_memory
 from kvlab.engine import Engine, memory_figures, resolve_budget
 from kvlab.engine.conversation import CompressionRule, Conversation
@@ -79,11 +79,12 @@ def compress_document(engine: Engine, text: str, policy: Policy, *, ratio: float
     del result  # the full cache is freed before the file is written
     stored = cache if quantization is None else quantize_cache(cache, quantization.scheme, quantization.group_size,
                                                                 quantization.residual_tokens)
-    held = from_stored(stored).held_bytes if quantization is not None else cache.held_bytes
+    held = from_stored(stored).held_bytes if isinstance(stored, QuantizedKVCache) else cache.held_bytes
     meta = meta_for(engine.loaded, stored, text=text, policy=policy, ratio=ratio, budget_tokens=budget,
                     query_aware=False, context_tokens=context_tokens,
                     extra={**memory_figures(full_bytes, held, cache.kv_bytes_full_fp16),
-                           "kv_bytes_stored": stored.nbytes if quantization else cache.held_bytes,
+                           "kv_bytes_stored": (stored.nbytes if isinstance(stored, QuantizedKVCache)
+                                               else cache.held_bytes),
                            "prefill_s": prefill_s, "compress_s": compress_s, "turns": 0,
                            "pending_token_ids": []})
     path = store.put(key, lambda temporary: save_cache(temporary, stored, meta, last_logits))
@@ -163,9 +164,9 @@ def save_conversation(path: str | Path, engine: Engine, conversation: Conversati
                                                                 quantization.group_size, quantization.residual_tokens)
     extra = {**meta.extra, "turns": conversation.answered, "pending_token_ids": conversation.pending_ids,
              **memory_figures(int(meta.extra.get("kv_bytes_full", 0)), cache.held_bytes, cache.kv_bytes_full_fp16),
-             "kv_bytes_stored": stored.nbytes if quantization else cache.held_bytes}
+             "kv_bytes_stored": stored.nbytes if isinstance(stored, QuantizedKVCache) else cache.held_bytes}
     extra.pop("load_s", None)
-    dtype = cache.layers[0].dense().keys.dtype if quantization is None else stored.dtype
+    dtype = stored.dtype if isinstance(stored, QuantizedKVCache) else cache.layers[0].dense().keys.dtype
     new_meta = dataclasses.replace(meta, num_tokens=cache.num_tokens, quantization=quantization,
                                    dtype=str(dtype).removeprefix("torch."), extra=extra, payload_sha256="")
     try:

@@ -59,15 +59,15 @@ def meta_for(loaded: LoadedModel, cache: KVCache | QuantizedKVCache, *, text: st
              ratio: float | None, budget_tokens: int, query_aware: bool, context_tokens: int,
              extra: dict | None = None) -> CacheMeta:
     """CacheMeta for ``cache`` made by ``loaded`` from ``text`` (the prefilled text) with ``policy``."""
-    quantized = isinstance(cache, QuantizedKVCache)
-    dtype = cache.dtype if quantized else (cache.layers[0].keys.dtype if cache.layers else loaded.dtype)
+    dtype = (cache.dtype if isinstance(cache, QuantizedKVCache)
+             else cache.layers[0].keys.dtype if cache.layers else loaded.dtype)
     return CacheMeta(
         model=loaded.name, model_fingerprint=loaded.fingerprint,
         tokenizer_fingerprint=tokenizer_fingerprint(loaded.tokenizer), policy=policy.name,
         policy_params=policy.params(), ratio=ratio, budget_tokens=budget_tokens, query_aware=query_aware,
         context_tokens=context_tokens, num_tokens=cache.num_tokens,
         layout=tuple(layer.spec for layer in cache.layers), dtype=dtype_name(dtype),
-        quantization=cache.params if quantized else None,
+        quantization=cache.params if isinstance(cache, QuantizedKVCache) else None,
         text_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(), extra=dict(extra or {}),
     )
 
@@ -203,20 +203,20 @@ def _check_fingerprints(meta: CacheMeta, path: Path, model_fingerprint: str | No
 
 
 def _check_meta_describes(meta: CacheMeta, cache: KVCache | QuantizedKVCache) -> None:
-    quantized = isinstance(cache, QuantizedKVCache)
-    dtype = cache.dtype if quantized else (cache.layers[0].keys.dtype if cache.layers else None)
+    dtype = (cache.dtype if isinstance(cache, QuantizedKVCache)
+             else cache.layers[0].keys.dtype if cache.layers else None)
     problems = [
         (tuple(layer.spec for layer in cache.layers) != meta.layout, "layout (layer specs)"),
         (cache.num_tokens != meta.num_tokens, f"num_tokens ({cache.num_tokens} vs {meta.num_tokens})"),
         (dtype is not None and dtype_name(dtype) != meta.dtype, f"dtype ({dtype} vs {meta.dtype})"),
-        ((cache.params if quantized else None) != meta.quantization, "quantization"),
+        ((cache.params if isinstance(cache, QuantizedKVCache) else None) != meta.quantization, "quantization"),
     ]
     wrong = [name for bad, name in problems if bad]
     if wrong:
         raise ParameterError(f"the metadata does not describe this cache: {', '.join(wrong)} differ; build it "
                              f"with kvlab.store.meta_for(...)")
-    if not quantized and any(layer.keys.dtype != meta.torch_dtype or layer.values.dtype != meta.torch_dtype
-                             for layer in cache.layers):
+    if not isinstance(cache, QuantizedKVCache) and any(
+            layer.keys.dtype != meta.torch_dtype or layer.values.dtype != meta.torch_dtype for layer in cache.layers):
         raise ParameterError(f"every layer's keys and values must be {meta.dtype} to be saved in one file")
 
 

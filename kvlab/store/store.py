@@ -9,6 +9,7 @@ relatime mounts.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import os
@@ -133,8 +134,8 @@ class CacheStore:
         """Every entry, most recently used first; reads only the files' headers."""
         entries = [self._entry(path) for path in self.root.glob(f"??/*{FILE_SUFFIX}")
                    if _KEY.fullmatch(path.stem) and path.parent.name == path.stem[:2]]
-        entries = [entry for entry in entries if entry is not None]
-        return sorted(entries, key=lambda entry: entry.last_used, reverse=True)
+        found = [entry for entry in entries if entry is not None]
+        return sorted(found, key=lambda entry: entry.last_used, reverse=True)
 
     def remove(self, key_or_prefix: str) -> StoreEntry:
         """Delete the one entry whose key starts with ``key_or_prefix``; raises on no match or several."""
@@ -157,7 +158,7 @@ class CacheStore:
                                  f"{', …' if len(matches) > 5 else ''}); give more characters of the key")
         return matches[0]
 
-    def gc(self, max_bytes: int) -> list[StoreEntry]:
+    def gc(self, max_bytes: int) -> builtins.list[StoreEntry]:  # ``list`` here is the method above
         """Delete least recently used entries until at most ``max_bytes`` remain, and temporary files older than an
         hour (left by interrupted writes); returns the deleted entries."""
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:

@@ -50,7 +50,7 @@ def payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         tensor = tensors[name].detach().to("cpu").contiguous()
         digest.update(f"{name}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
     return digest.hexdigest()
 
 
@@ -67,19 +67,20 @@ def tensors_to_cache(meta: CacheMeta, tensors: dict[str, torch.Tensor], source: 
     last_logits = tensors.get(LOGITS)
     if last_logits is not None and (last_logits.dim() != 1 or last_logits.dtype != torch.float32):
         _fail(source, "last_logits must be a 1-D float32 tensor")
-    layers = []
+    plain_layers: list[LayerCache] = []
+    quantized_layers: list[QuantizedLayer] = []
     for index, spec in enumerate(meta.layout):
         layer = {name: tensors[f"layer.{index}.{name}"] for name in fields}
         layer["positions"] = _check_positions(layer["positions"], spec, meta.num_tokens, f"layer {index}", source)
         if meta.quantization is None:
             _check_plain(layer, spec, meta.torch_dtype, f"layer {index}", source)
-            layers.append(LayerCache(spec, layer["keys"], layer["values"], layer["positions"]))
+            plain_layers.append(LayerCache(spec, layer["keys"], layer["values"], layer["positions"]))
         else:
             _check_quantized(layer, spec, meta, f"layer {index}", source)
-            layers.append(QuantizedLayer(spec, **layer))
+            quantized_layers.append(QuantizedLayer(spec, **layer))
     if meta.quantization is None:
-        return KVCache(layers=layers, num_tokens=meta.num_tokens), last_logits
-    return QuantizedKVCache(layers, meta.num_tokens, meta.quantization, meta.torch_dtype), last_logits
+        return KVCache(layers=plain_layers, num_tokens=meta.num_tokens), last_logits
+    return QuantizedKVCache(quantized_layers, meta.num_tokens, meta.quantization, meta.torch_dtype), last_logits
 
 
 def _check_positions(stored: torch.Tensor, spec, num_tokens: int, where: str, source: str) -> torch.Tensor:
@@ -109,6 +110,7 @@ def _check_plain(layer: dict, spec, dtype: torch.dtype, where: str, source: str)
 
 
 def _check_quantized(layer: dict, spec, meta: CacheMeta, where: str, source: str) -> None:
+    assert meta.quantization is not None  # only called for a quantized cache's metadata
     shapes = expected_shapes(spec, layer["positions"], meta.quantization)
     for name, shape in shapes.items():
         tensor = layer[name]

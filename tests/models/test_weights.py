@@ -175,3 +175,5 @@ def test_weight_fidelity_of_a_model_against_itself(tiny_gemma3):
 def test_weight_fidelity_rejects_bad_token_ids(tiny_llama):
     with pytest.raises(ParameterError, match="token_ids"):
         weight_fidelity(tiny_llama.model, tiny_llama.model, torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ParameterError, match="token_ids"):
+        weight_fidelity(tiny_llama.model, tiny_llama.model, torch.ones(1, 2, 3, dtype=torch.long))

@@ -14,6 +14,7 @@ and question wording of our own; the target needle of single and multi-key varia
 from __future__ import annotations
 
 import random
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from kvlab.bench.tasks.base import Draft, Request, register_task
@@ -36,11 +37,11 @@ def needle_sentence(kind: str, key: str, value: str) -> str:
     return f"One special magic {kind} for {key} is {value}."
 
 
-def _draw_keys(rng: random.Random, kind: str, count: int, exclude: set[str] = frozenset()) -> list[str]:
+def _draw_keys(rng: random.Random, kind: str, count: int, exclude: AbstractSet[str] = frozenset()) -> list[str]:
     return key_words(rng, count, exclude) if kind == "words" else uuids(rng, count)
 
 
-def _draw_values(rng: random.Random, kind: str, count: int, exclude: set[str] = frozenset()) -> list[str]:
+def _draw_values(rng: random.Random, kind: str, count: int, exclude: AbstractSet[str] = frozenset()) -> list[str]:
     return numbers(rng, count, exclude=exclude) if kind == "numbers" else uuids(rng, count)
 
 

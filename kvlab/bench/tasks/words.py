@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import string
 import uuid
+from collections.abc import Set as AbstractSet
 
 ADJECTIVES = """
 able acid angry amber ancient autumn bald bitter black blazing bold brave breezy brief bright broad brown bumpy
@@ -54,7 +55,7 @@ def distinct_words(words: list[str]) -> list[str]:
     return [w for w in unique if not any(w != other and w in other for other in unique)]
 
 
-def key_words(rng: random.Random, count: int, exclude: set[str] = frozenset()) -> list[str]:
+def key_words(rng: random.Random, count: int, exclude: AbstractSet[str] = frozenset()) -> list[str]:
     """``count`` distinct adjective-noun keys like "shiny-river", none in ``exclude``."""
     keys: list[str] = []
     seen = set(exclude)
@@ -66,7 +67,7 @@ def key_words(rng: random.Random, count: int, exclude: set[str] = frozenset()) -
     return keys
 
 
-def numbers(rng: random.Random, count: int, digits: int = 7, exclude: set[str] = frozenset()) -> list[str]:
+def numbers(rng: random.Random, count: int, digits: int = 7, exclude: AbstractSet[str] = frozenset()) -> list[str]:
     """``count`` distinct ``digits``-digit numbers (no leading zero) as strings."""
     values: list[str] = []
     seen = set(exclude)
