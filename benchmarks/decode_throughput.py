@@ -3,8 +3,10 @@ in one run on one machine, so the ratios hold even when absolute speeds swing wi
 
 Decode: greedy, the end-of-sequence token ignored, ``--new-tokens`` steps after the prompt; per-step time is the
 decode time divided by the forward passes it ran. transformers ``generate`` gets the same prompt ids (document plus
-question); its per-step time is (time for N+1 new tokens - time for 1) / N. kvlab runs query-agnostic (the document
-is prefilled and compressed first, then the question is fed), as a persisted cache would be used. Rows:
+question); its per-step time is (time for N+1 new tokens - time for 1) / N. kvlab's full cache prefills the same
+ids (one chunk up to 4096 tokens, as generate does), so its tokens must equal generate's; compressed cells run
+query-agnostic (the document is prefilled and compressed first, then the question is fed), as a persisted cache
+would be used. Rows:
   full, snapkv@0.875, full + int4 (held quantized), snapkv@0.875 + int4, and full with ``--weights int8``.
 Prefill: one plain transformers forward over the whole document (sdpa, logits for the last position) against
 kvlab's chunked prefill.
@@ -99,8 +101,10 @@ def generate_step_ms(engine: Engine, ids: torch.Tensor, new_tokens: int) -> tupl
 
 def kvlab_run(engine: Engine, text: str, new_tokens: int, policy: str, ratio: float | None,
               kv_quant: str | None) -> dict:
+    # the full cache is prefilled with the question, as generate does, so their tokens can be compared
     answer = engine.ask(text, QUESTION, make_policy(policy), ratio=ratio, max_new_tokens=new_tokens + 1,
-                        kv_quant=None if kv_quant is None else QuantizationParams(kv_quant), ignore_eos=True)
+                        kv_quant=None if kv_quant is None else QuantizationParams(kv_quant), ignore_eos=True,
+                        query_aware=policy == "full")
     steps = max(answer.decode_tokens - 1, 1)
     return {"step_ms": answer.decode_s / steps * 1000, "tokens": answer.token_ids,
             "kv_bytes_kept": answer.kv_bytes_kept, "kv_bytes_full_fp16": answer.kv_bytes_full_fp16,

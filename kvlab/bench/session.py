@@ -36,7 +36,7 @@ class BenchRequest:
     seed: int = 0
     device: str | None = None
     weights: str = "fp"  # "int8": weight-only int8 linear layers (its own fingerprint, its own results folder)
-    chunk_tokens: int = 1024
+    chunk_tokens: int = 4096
     force: bool = False
 
     @classmethod

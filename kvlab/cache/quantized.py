@@ -19,6 +19,8 @@ drops one per step, which would split key groups; it stays in full precision (co
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from kvlab.cache.kvcache import PADDING_POSITION, KVCache, LayerCache
@@ -91,30 +93,37 @@ class QuantizedLayerCache(LayerCache):
 
     @property
     def keys(self) -> torch.Tensor:
-        return self.attention_tensors()[0]
+        """Dequantized keys in fresh memory (attention reads ``attention_tensors`` instead)."""
+        return self.dense().keys
 
     @property
     def values(self) -> torch.Tensor:
-        return self.attention_tensors()[1]
+        return self.dense().values
 
     def attention_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dequantized keys and values (kv_heads, slots, head_dim) in the compute dtype: transient, per step."""
+        """Dequantized keys and values (kv_heads, slots, head_dim) in the compute dtype, written into this thread's
+        scratch buffers: valid until the next layer asks (attention uses them at once; ``dense`` copies)."""
+        return self._dequantize(_SCRATCH.get(0, self._shape, self.dtype, self.code_positions.device),
+                                _SCRATCH.get(1, self._shape, self.dtype, self.code_positions.device))
+
+    @property
+    def _shape(self) -> tuple[int, int, int]:
+        return (self.spec.kv_heads, self.slots, self.spec.head_dim)
+
+    def _dequantize(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         heads, dim, group = self.spec.kv_heads, self.spec.head_dim, self.params.group_size
-        code_slots, residual = self.code_slots, self.residual
-        keys = torch.empty((heads, self.slots, dim), dtype=self.dtype, device=self.code_positions.device)
-        values = torch.empty_like(keys)
+        code_slots, codes, bits = self.code_slots, self.codes, self.params.bits
         if code_slots:
-            bits, codes = self.params.bits, self.codes
-            key_codes = unpack_codes(codes["key_codes"], bits, dim).to(self.dtype)
-            key_codes = key_codes.view(heads, code_slots // group, group, dim)
-            torch.addcmul(codes["key_zeros"].to(self.dtype)[:, :, None, :], key_codes,
-                          codes["key_scales"].to(self.dtype)[:, :, None, :],
-                          out=keys[:, :code_slots].view(heads, code_slots // group, group, dim))
-            value_codes = unpack_codes(codes["value_codes"], bits, dim).to(self.dtype)
-            values[:, :code_slots] = _dequantize_values(value_codes, codes["value_scales"], codes["value_zeros"],
-                                                        group)
-        keys[:, code_slots:] = residual.keys
-        values[:, code_slots:] = residual.values
+            key_rows = keys[:, :code_slots]
+            _unpack_into(codes["key_codes"], bits, key_rows)
+            grouped = key_rows.view(heads, code_slots // group, group, dim)
+            torch.addcmul(codes["key_zeros"].to(self.dtype)[:, :, None, :], grouped,
+                          codes["key_scales"].to(self.dtype)[:, :, None, :], out=grouped)
+            value_rows = values[:, :code_slots]
+            _unpack_into(codes["value_codes"], bits, value_rows)
+            _scale_values(value_rows, codes["value_scales"], codes["value_zeros"], group)
+        keys[:, code_slots:] = self.residual.keys
+        values[:, code_slots:] = self.residual.values
         return keys, values
 
     def dense_element_size(self) -> int:
@@ -199,7 +208,9 @@ class QuantizedLayerCache(LayerCache):
         return twin
 
     def dense(self) -> LayerCache:
-        keys, values = self.attention_tensors()
+        device = self.code_positions.device
+        keys, values = self._dequantize(torch.empty(self._shape, dtype=self.dtype, device=device),
+                                        torch.empty(self._shape, dtype=self.dtype, device=device))
         return LayerCache(self.spec, keys, values, self.positions)
 
 
@@ -226,16 +237,52 @@ def quantization_of(cache: KVCache) -> QuantizationParams | None:
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------
-def _dequantize_values(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int) -> torch.Tensor:
-    """codes (H, Q, D) in the compute dtype; scales, zeros (H, Q, ceil(D / group)) fp16 → (H, Q, D)."""
-    heads, slots, dim = codes.shape
+def _unpack_into(packed: torch.Tensor, bits: int, out: torch.Tensor) -> None:
+    """Write the codes of ``packed`` (H, Q, ceil(D * bits / 8)) uint8 into ``out`` (H, Q, D), converting as it
+    copies: code i of each byte goes to channels i, i + per_byte, ... (the packing of ``cache.quant``)."""
+    if bits == 8:
+        out.copy_(packed)
+        return
+    per_byte, low = 8 // bits, (1 << bits) - 1
+    dim = out.shape[-1]
+    if dim % per_byte:
+        out.copy_(unpack_codes(packed, bits, dim))
+        return
+    lanes = out.view(*out.shape[:-1], dim // per_byte, per_byte)
+    for index in range(per_byte):
+        lanes[..., index].copy_((packed >> (bits * index)) & low if index else packed & low)
+
+
+def _scale_values(rows: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int) -> None:
+    """In place: codes (H, Q, D) in the compute dtype times their per-token, per-channel-group scale, plus zero."""
+    heads, slots, dim = rows.shape
     if dim % group == 0:
-        grouped = codes.view(heads, slots, dim // group, group)
-        return torch.addcmul(zeros.to(codes.dtype)[..., None], grouped,
-                             scales.to(codes.dtype)[..., None]).view(heads, slots, dim)
-    scale = scales.to(codes.dtype).repeat_interleave(group, dim=2)[..., :dim]
-    zero = zeros.to(codes.dtype).repeat_interleave(group, dim=2)[..., :dim]
-    return torch.addcmul(zero, codes, scale)
+        grouped = rows.view(heads, slots, dim // group, group)
+        torch.addcmul(zeros.to(rows.dtype)[..., None], grouped, scales.to(rows.dtype)[..., None], out=grouped)
+        return
+    scale = scales.to(rows.dtype).repeat_interleave(group, dim=2)[..., :dim]
+    zero = zeros.to(rows.dtype).repeat_interleave(group, dim=2)[..., :dim]
+    torch.addcmul(zero, rows, scale, out=rows)
+
+
+class _ScratchBuffers(threading.local):
+    """Per-thread reusable storage for dequantized keys and values: a fresh multi-megabyte tensor per layer and
+    step would be page-faulted in every time, which costs more than the dequantization itself."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def get(self, slot: int, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        count = shape[0] * shape[1] * shape[2]
+        key = (slot, dtype, device)
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.numel() < count:
+            buffer = torch.empty(count + count // 4, dtype=dtype, device=device)
+            self.buffers[key] = buffer
+        return buffer[:count].view(shape)
+
+
+_SCRATCH = _ScratchBuffers()
 
 
 def _front_positions(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

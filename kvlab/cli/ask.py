@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens; 0 = off (default)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed for sampling (default: 0); the random policy takes -p seed=N")
-    parser.add_argument("--chunk-tokens", type=int, default=1024, help="prefill chunk size in tokens (default: 1024)")
+    parser.add_argument("--chunk-tokens", type=int, default=4096, help="prefill chunk size in tokens (default: 4096)")
     parser.add_argument("--force", action="store_true", help="run even if the prompt exceeds the model's window")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(KIVI; the cache is held quantized while decoding, e.g. snapkv@0.5 + int4)")
     parser.add_argument("--haystack-dir", default=None, help="folder of .txt files to use as haystack prose")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task generators (default: 0)")
-    parser.add_argument("--chunk-tokens", type=int, default=1024, help="prefill chunk size in tokens")
+    parser.add_argument("--chunk-tokens", type=int, default=4096, help="prefill chunk size in tokens (default: 4096)")
     parser.add_argument("--force", action="store_true", help="run samples longer than the model's window")
     parser.add_argument("--out", default="kvlab-bench", help="output folder; rerunning resumes (default: %(default)s)")
     parser.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")

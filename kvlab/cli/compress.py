@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--residual-tokens", type=int, default=32,
                         help="most recent tokens kept in full precision when quantizing (default: 32)")
     parser.add_argument("--out", default=None, help="also copy the cache file here (a .kv file or a folder)")
-    parser.add_argument("--chunk-tokens", type=int, default=1024, help="prefill chunk size in tokens")
+    parser.add_argument("--chunk-tokens", type=int, default=4096, help="prefill chunk size in tokens (default: 4096)")
     parser.add_argument("--force", action="store_true", help="run even if the document exceeds the model's window")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 

@@ -99,11 +99,14 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layer:
 
 
 def _decode(query, keys, values, spec: LayerSpec, padding: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """One query: the query heads sharing a KV head attend as a group of rows, so keys are never repeated."""
+    """One query. Without padding this is exactly transformers' SDPA call (GQA inside the kernel), so a full cache
+    decodes the same tokens as ``generate``; a padded layer lets the query heads sharing a KV head attend as a
+    group of rows under the layer's padding mask, so keys are never repeated."""
+    if padding is None:
+        return F.scaled_dot_product_attention(query, keys, values, scale=scale, enable_gqa=True)
     dim = query.shape[-1]
     grouped = query.reshape(1, spec.kv_heads, spec.group_size, dim)
-    mask = None if padding is None else padding[None, :, None, :]
-    output = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
+    output = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=padding[None, :, None, :], scale=scale)
     return output.reshape(1, spec.query_heads, 1, dim)
 
 

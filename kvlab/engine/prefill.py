@@ -14,7 +14,7 @@ from kvlab.cache.observations import ObservationRequest, Observations
 from kvlab.engine.observe import ObservationRecorder
 from kvlab.engine.runner import ModelRunner
 
-DEFAULT_CHUNK_TOKENS = 1024
+DEFAULT_CHUNK_TOKENS = 4096
 
 
 @dataclass

@@ -1,0 +1,80 @@
+"""A cache held quantized in memory decodes exactly like the dequantized cache, holds fewer bytes, quantizes new
+tokens a group at a time, and forks independently."""
+
+import pytest
+import torch
+
+from kvlab.cache.quant import QuantizationParams, dequantize_cache, quantize_cache
+from kvlab.cache.quantized import QuantizedLayerCache, from_stored, quantize_in_memory
+from kvlab.engine import Engine
+from kvlab.engine.runner import ModelRunner
+from kvlab.policies import make_policy
+
+
+def random_ids(count: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, 250, (count,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module", params=["tiny_llama", "tiny_gemma3"])
+def caches(request):
+    loaded = request.getfixturevalue(request.param)
+    engine = Engine(loaded, chunk_tokens=64)
+    result = engine.prefill(random_ids(300, 0), make_policy("adakv").observation_request())
+    ragged, _, _ = engine.compress(result, make_policy("adakv"), ratio=0.5)
+    return engine, {"plain": result.cache, "ragged": ragged}
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int2"])
+@pytest.mark.parametrize("kind", ["plain", "ragged"])
+def test_decodes_like_the_dequantized_cache(caches, scheme, kind):
+    engine, by_kind = caches
+    cache = by_kind[kind]
+    params = QuantizationParams(scheme, group_size=16, residual_tokens=8)
+    reference = dequantize_cache(quantize_cache(cache, scheme, 16, 8))
+    held = quantize_in_memory(cache, params)
+    assert all(isinstance(layer, QuantizedLayerCache) == (layer.spec.kind == "full") for layer in held.layers)
+    assert held.held_bytes < reference.held_bytes
+    new = random_ids(40, 1)
+    expected = ModelRunner(engine.model, reference.fork()).feed(new, logits_to_keep=40)
+    actual = ModelRunner(engine.model, held.fork()).feed(new, logits_to_keep=40)
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+    loaded = from_stored(quantize_cache(cache, scheme, 16, 8))  # a .kv payload, used as it is
+    torch.testing.assert_close(ModelRunner(engine.model, loaded).feed(new, logits_to_keep=40), expected,
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_new_tokens_are_quantized_a_group_at_a_time(caches):
+    engine, by_kind = caches
+    params = QuantizationParams("int4", group_size=16, residual_tokens=8)
+    held = quantize_in_memory(by_kind["plain"], params)
+    runner = ModelRunner(engine.model, held)
+    before = [layer.code_slots for layer in held.layers if layer.quantized]
+    for token in random_ids(37, 2).tolist():
+        runner.feed(torch.tensor([token]))
+        for layer in held.layers:
+            if layer.quantized:
+                assert layer.code_slots % 16 == 0
+                assert layer.residual.slots < params.residual_tokens + params.group_size
+    after = [layer.code_slots for layer in held.layers if layer.quantized]
+    assert all(b > a for a, b in zip(before, after))
+    assert held.num_tokens == 337
+
+
+def test_forks_do_not_see_each_other(caches):
+    engine, by_kind = caches
+    held = quantize_in_memory(by_kind["ragged"], QuantizationParams("int4", group_size=16, residual_tokens=8))
+    first, second = held.fork(), held.fork()
+    ModelRunner(engine.model, first).feed(random_ids(30, 3))
+    logits_a = ModelRunner(engine.model, second).feed(random_ids(5, 4))
+    logits_b = ModelRunner(engine.model, held.fork()).feed(random_ids(5, 4))
+    assert torch.equal(logits_a, logits_b)  # the first fork's 30 tokens never reached the others
+    assert held.num_tokens == 300 and first.num_tokens == 330
+
+
+def test_dense_round_trip_keeps_every_token(caches):
+    _, by_kind = caches
+    cache = by_kind["ragged"]
+    held = quantize_in_memory(cache, QuantizationParams("int8"))
+    for original, layer in zip(cache.layers, held.layers):
+        dense = layer.dense()
+        assert sorted(dense.positions[dense.valid].tolist()) == sorted(original.positions[original.valid].tolist())
