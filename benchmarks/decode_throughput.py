@@ -48,7 +48,12 @@ def main() -> None:
     parser.add_argument("--llamacpp-python", default=None, help="python of a venv with llama-cpp-python")
     parser.add_argument("--gguf", default=None, help="the GGUF file llama.cpp runs (the one kvlab converted)")
     parser.add_argument("--out", default=None, help="JSON file to write")
+    parser.add_argument("--markdown", default=None, metavar="JSON",
+                        help="print the README table of a results file written earlier, and exit")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return
 
     loaded = load_model(args.model, progress=False)
     engine = Engine(loaded)
@@ -66,8 +71,10 @@ def main() -> None:
     fidelity_ids = torch.tensor(loaded.tokenizer(document(loaded, 512))["input_ids"])
     results["weights_int8_fidelity"] = weight_fidelity(loaded.model, int8.model, fidelity_ids)
     report(results, args.model)
-    write_json(args.out, {"benchmark": "decode_throughput", "model": args.model, "new_tokens": args.new_tokens,
-                          "results": results, "environment": environment()})
+    data = {"benchmark": "decode_throughput", "model": args.model, "new_tokens": args.new_tokens,
+            "results": results, "environment": environment()}
+    print(markdown(json.loads(json.dumps(data))))
+    write_json(args.out, data)
 
 
 def document(loaded: LoadedModel, tokens: int) -> str:
@@ -125,7 +132,13 @@ def decode_rows(engine: Engine, int8: Engine, text: str, new_tokens: int) -> dic
         rows[name] = kvlab_run(runner, text, new_tokens, policy, ratio, quant)
     for row in rows.values():
         row["tokens_per_s"] = 1000 / row["step_ms"]
-    rows["full"]["same_tokens_as_generate"] = rows["full"]["tokens"] == generate_tokens
+    # generate's min_new_tokens forbids the end-of-sequence token that kvlab (ignoring it as a stop) may pick, so
+    # the tokens are compared up to the first place either sequence holds it: the answer itself
+    stops = engine.stop_ids
+    cut = next((index for index, (a, b) in enumerate(zip(rows["full"]["tokens"], generate_tokens))
+                if a in stops or b in stops), len(generate_tokens))
+    rows["full"]["compared_tokens"] = cut
+    rows["full"]["same_tokens_as_generate"] = rows["full"]["tokens"][:cut] == generate_tokens[:cut]
     rows["context_tokens"] = int(parts.prefix_ids.numel())
     return rows
 
@@ -176,7 +189,8 @@ def report(results: dict, model: str) -> None:
                          f"  x{row['tokens_per_s'] / full:.2f} of kvlab full")
             print(f"  {name:22s} {row['tokens_per_s']:6.1f} tok/s  "
                   f"x{row['tokens_per_s'] / base:.2f} of generate{extra}")
-        print(f"  full: same tokens as generate: {rows['full']['same_tokens_as_generate']}")
+        print(f"  full: same tokens as generate: {rows['full']['same_tokens_as_generate']} "
+              f"({rows['full']['compared_tokens']} tokens before an end-of-sequence token)")
         anchor = results["llama_cpp"].get(length)
         if anchor:
             print(f"  llama.cpp {anchor['decode_tok_s']:.1f} tok/s; kvlab weights int8 = "
@@ -187,6 +201,38 @@ def report(results: dict, model: str) -> None:
     fidelity = results["weights_int8_fidelity"]
     print(f"weights int8 vs fp32: mean KL {fidelity['kl_mean']:.4f} nats/token, greedy agreement "
           f"{fidelity['top1_agreement']:.1%}")
+
+
+def markdown(data: dict) -> str:
+    """The README table: decode tokens/s per cell and length, with ratios, held bytes and llama.cpp beside."""
+    results = data["results"]
+    lengths = list(results["decode"])
+    head = "| cell | " + " | ".join(f"decode tok/s @{length}" for length in lengths) + " | held KV @" + \
+        f"{lengths[-1]} | compression |"
+    lines = [head, "| --- |" + " --- |" * (len(lengths) + 2)]
+    names = [name for name, row in results["decode"][lengths[0]].items() if isinstance(row, dict)]
+    for name in names:
+        cells = []
+        for length in lengths:
+            rows = results["decode"][length]
+            base = rows["transformers_generate"]["tokens_per_s"]
+            cells.append(f"{rows[name]['tokens_per_s']:.1f} (x{rows[name]['tokens_per_s'] / base:.2f})")
+        last = results["decode"][lengths[-1]][name]
+        held = f"{last['kv_bytes_kept'] / 2**20:.1f} MiB" if "kv_bytes_kept" in last else "-"
+        ratio = f"{last['compression']:.2f}x" if "compression" in last else "-"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {held} | {ratio} |")
+    anchors = [results["llama_cpp"].get(length) for length in lengths]
+    if any(anchors):
+        lines.append("| llama.cpp Q4_1 (same GGUF) | " + " | ".join(
+            f"{anchor['decode_tok_s']:.1f}" if anchor else "-" for anchor in anchors) + " | - | - |")
+    same = all(results["decode"][length]["full"].get("same_tokens_as_generate") for length in lengths)
+    prefill = "; ".join(f"{row['tokens']} tokens x{row['ratio']:.2f}" for row in results["prefill"].values())
+    fidelity = results["weights_int8_fidelity"]
+    lines += ["", f"(x: tokens/s against transformers `generate` in the same run; full-cache tokens identical to "
+                  f"generate's: {'yes' if same else 'no'}. Prefill against one plain transformers forward: {prefill}. "
+                  f"Weights int8 against fp32: mean KL {fidelity['kl_mean']:.4f} nats/token, greedy agreement "
+                  f"{fidelity['top1_agreement']:.1%}.)"]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

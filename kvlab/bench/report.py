@@ -37,9 +37,9 @@ def write_report(out_dir: Path, rows: list[dict], meta: dict) -> dict:
 
 
 def _meta_lines(meta: dict) -> str:
-    keys = ("model", "mode", "query_aware", "quantizations", "tasks", "lengths", "samples", "policies", "ratios",
-            "prefills", "rows", "wall_s")
-    return "\n".join(f"- {key}: {meta[key]}" for key in keys if key in meta)
+    keys = ("model", "weights", "weights_fidelity_vs_fp", "mode", "query_aware", "quantizations", "tasks", "lengths",
+            "samples", "policies", "ratios", "prefills", "rows", "wall_s")
+    return "\n".join(f"- {key}: {meta[key]}" for key in keys if meta.get(key) is not None)
 
 
 def _figure():

@@ -114,6 +114,10 @@ def run_bench(request: BenchRequest, *, progress: bool = True, loaded=None) -> B
     run_info = run_info_for(engine)
     _check_folder(out_dir, run_info, request)
     samples = build_samples(request, loaded.tokenizer)
+    if loaded.weights != "fp" and samples:
+        meta_fidelity = weights_fidelity(request, loaded, samples[0].context)
+    else:
+        meta_fidelity = None
     results = ResultsFile(out_dir / "results.jsonl")
     started = time.time()
     outcome = run_grid(engine, samples, cells, results, mode=request.mode, query_aware=request.query_aware,
@@ -125,7 +129,7 @@ def run_bench(request: BenchRequest, *, progress: bool = True, loaded=None) -> B
             "tasks": [request.data_file] if request.data_file else list(request.tasks),
             "lengths": list(request.lengths), "samples": request.samples, "policies": list(request.policies),
             "ratios": list(request.ratios), "prefills": state["prefills"], "rows": len(results.rows),
-            "wall_s": round(state["wall_s"], 1),
+            "wall_s": round(state["wall_s"], 1), "weights_fidelity_vs_fp": meta_fidelity,
             "cells_per_prefill": round(len(results.rows) / max(1, state["prefills"]), 2)}
     paths = write_report(out_dir, _rows_of(results.rows, request), meta)
     status = (f"{outcome.rows_written} rows from {outcome.prefills} prefills in {outcome.wall_s:.0f} s"
@@ -133,6 +137,22 @@ def run_bench(request: BenchRequest, *, progress: bool = True, loaded=None) -> B
     if outcome.interrupted:
         status += "; interrupted: rerun the same command to resume"
     return BenchOutcome(paths["table"], status, paths, outcome.interrupted, outcome.prefills, outcome.rows_written)
+
+
+def weights_fidelity(request: BenchRequest, loaded, text: str, max_tokens: int = 1024) -> dict:
+    """How far the quantized-weights model is from the model's own weights (KL and greedy agreement, per
+    ``models.weights.weight_fidelity``) on the first sample's context: the bench's rows compare cells with the
+    quantized model's own full cache, so this is the one figure that shows what ``--weights`` itself costs."""
+    import torch
+
+    from kvlab.models import load_model
+    from kvlab.models.weights import weight_fidelity
+
+    reference = load_model(request.model, device=request.device, progress=False)
+    ids = torch.tensor(loaded.tokenizer(text, add_special_tokens=True)["input_ids"][:max_tokens])
+    fidelity = weight_fidelity(reference.model, loaded.model, ids)
+    del reference
+    return {key: round(value, 5) if isinstance(value, float) else value for key, value in fidelity.items()}
 
 
 def _rows_of(rows: list[dict], request: BenchRequest) -> list[dict]:

@@ -32,16 +32,24 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
 KV_QUANT_SCHEMES = ("int8", "int4", "int2")  # cache.quant.SCHEME_BITS, listed here so --help imports no torch
 
 
-def add_kv_quant_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kv-quant", choices=KV_QUANT_SCHEMES, default=None,
+def add_kv_quant_argument(parser: argparse.ArgumentParser, *, flag: str = "--kv-quant",
+                          aliases: tuple[str, ...] = ()) -> None:
+    parser.add_argument(flag, *aliases, dest="kv_quant", choices=KV_QUANT_SCHEMES, default=None,
                         help="hold the KV cache quantized in memory while decoding (KIVI: keys per channel, values "
-                             "per token, groups of 32, the last 32 tokens in full precision); default: none")
+                             "per token); default: none")
+    parser.add_argument("--kv-group-size", "--group-size", dest="kv_group_size", type=int, default=32,
+                        help="tokens per key group and channels per value group (default: %(default)s; 64 holds "
+                             "fewer scale bytes)")
+    parser.add_argument("--kv-residual-tokens", "--residual-tokens", dest="kv_residual_tokens", type=int, default=32,
+                        help="most recent tokens kept in full precision (default: %(default)s)")
 
 
 def kv_quant_from_args(args: argparse.Namespace):
     from kvlab.cache.quant import QuantizationParams
 
-    return None if args.kv_quant is None else QuantizationParams(args.kv_quant)
+    if args.kv_quant is None:
+        return None
+    return QuantizationParams(args.kv_quant, args.kv_group_size, args.kv_residual_tokens)
 
 
 def policy_from_args(args: argparse.Namespace):

@@ -5,19 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 
-from kvlab.cli.common import add_model_arguments, add_policy_arguments, policy_from_args, ratio_from_args, read_text
+from kvlab.cli.common import (
+    add_kv_quant_argument,
+    add_model_arguments,
+    add_policy_arguments,
+    kv_quant_from_args,
+    policy_from_args,
+    ratio_from_args,
+    read_text,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context-file", required=True, help="document to prefill (UTF-8 text; - for stdin)")
     add_model_arguments(parser)
     add_policy_arguments(parser)
-    parser.add_argument("--kv-quant", "--quantize", dest="quantize", choices=["int8", "int4", "int2"], default=None,
-                        help="store keys/values quantized and hold them so when the file is used (KIVI: keys per "
-                             "channel, values per token)")
-    parser.add_argument("--group-size", type=int, default=32, help="quantization group size in tokens/channels")
-    parser.add_argument("--residual-tokens", type=int, default=32,
-                        help="most recent tokens kept in full precision when quantizing (default: 32)")
+    add_kv_quant_argument(parser, aliases=("--quantize",))
     parser.add_argument("--out", default=None, help="also copy the cache file here (a .kv file or a folder)")
     parser.add_argument("--chunk-tokens", type=int, default=4096, help="prefill chunk size in tokens (default: 4096)")
     parser.add_argument("--force", action="store_true", help="run even if the document exceeds the model's window")
@@ -25,7 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvlab.cache.quant import QuantizationParams
     from kvlab.engine import Engine, compression, memory_figures
     from kvlab.models import load_model
     from kvlab.store.documents import compress_document, copy_out
@@ -33,8 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     text = read_text(args.context_file)
     policy = policy_from_args(args)
-    quantization = (QuantizationParams(args.quantize, args.group_size, args.residual_tokens)
-                    if args.quantize else None)
+    quantization = kv_quant_from_args(args)
     engine = Engine(load_model(args.model, device=args.device, weights=args.weights, progress=not args.json),
                     chunk_tokens=args.chunk_tokens)
     document = store_document(lambda: compress_document(
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     origin = "found in the store (not recomputed)" if document.from_store else (
         f"prefill {document.prefill_s:.2f} s, compress {document.compress_s * 1000:.0f} ms")
-    print(f"{path}\n[{policy.name}{' ' + args.quantize if args.quantize else ''}] context {document.context_tokens} "
+    print(f"{path}\n[{policy.name}{' ' + args.kv_quant if args.kv_quant else ''}] context {document.context_tokens} "
           f"tok | kept {document.kept_tokens:.0f} tok/head | KV held {format_mib(document.kv_bytes_kept)} vs "
           f"{format_mib(document.kv_bytes_full_fp16)} full fp16 "
           f"({compression(document.kv_bytes_full_fp16, document.kv_bytes_kept):.2f}x) | "

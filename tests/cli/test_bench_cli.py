@@ -72,3 +72,20 @@ def test_bad_data_row_names_the_line(tmp_path, capsys):
 def test_report_of_an_empty_folder(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no results.jsonl" in capsys.readouterr().err
+
+
+def test_weights_and_kv_quant_cells_report_their_costs(tmp_path, data_file, capsys):
+    out = tmp_path / "int8"
+    assert bench(out, data_file, "--weights", "int8", "--kv-quant", "none,int4") == 0
+    capsys.readouterr()
+    summary = json.loads((out / "summary.json").read_text())
+    fidelity = summary["meta"]["weights_fidelity_vs_fp"]
+    assert summary["meta"]["weights"] == "int8"
+    assert 0 <= fidelity["kl_mean"] < 1 and 0 < fidelity["top1_agreement"] <= 1
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {row["quantization"] for row in rows} == {None, "int4"}
+    for row in rows:
+        assert row["compression"] == pytest.approx(row["kv_bytes_full_fp16"] / row["kv_bytes_kept"], rel=1e-3)
+    held = {row["quantization"]: row["kv_bytes_kept"] for row in rows if row["policy"] == "full"}
+    assert held["int4"] < held[None]
+    assert "weights_fidelity_vs_fp" in (out / "report.md").read_text()
