@@ -3,7 +3,9 @@
 For every sample the context is prefilled once, recording what any policy of the grid observes (the union of their
 observation requests). The full cache answers first: its greedy answer is the fidelity reference. Then every cell
 compresses a copy (tensors are shared copy-on-write, see ``KVCache.fork``), answers, is scored, and is
-teacher-forced along the reference answer to measure KL divergence. Modes (SCBench's shared-context settings):
+teacher-forced along the reference answer to measure KL divergence. In single mode the cells of one question
+answer together in one decode loop whose steps share the weight reads (``Engine.decode_rows``; a row's
+``decode_s`` is that loop's time until the row ended, ``decode_rows`` how many answered together). Modes (SCBench's shared-context settings):
 
 - ``single``: every question is asked on its own, on top of the compressed context (query-aware: the question is
   part of the prefix, so each question needs its own prefill);
@@ -228,13 +230,21 @@ def _single(engine, sample, cells, wanted, request, query_aware, force, outcome)
             shared = _prefill(engine, sample, index, request, query_aware, force, outcome)
         context = shared
         suffix = None if query_aware else engine.question_ids(sample.questions[index], sample.answer_prefix)
-        reference_ids = reference_log_probs = None
-        for cell in _ordered(cells):
+        ordered = _ordered(cells)
+        # the reference answers first; cells nobody asked for (already done) are skipped
+        ordered = ordered[:1] + [cell for cell in ordered[1:] if (index, cell) in wanted]
+        prepared = []
+        for cell in ordered:
             cache, costs = _compressed(engine, context, cell)
             question_started = time.perf_counter()
             first_logits = context.result.last_logits if suffix is None else engine.feed(cache, suffix)
-            question_s = time.perf_counter() - question_started
-            generation, produced = _answer(engine, cache, first_logits, sample.max_new_tokens)
+            prepared.append((cell, cache, costs, first_logits, time.perf_counter() - question_started))
+        # every cell answers in one shared decode loop: each step reads the weights once for all of them
+        generations = engine.decode_rows([item[1].fork() for item in prepared], [item[3] for item in prepared],
+                                         max_new_tokens=sample.max_new_tokens, sampling=GREEDY)
+        reference_ids = reference_log_probs = None
+        for (cell, cache, costs, first_logits, question_s), generation in zip(prepared, generations):
+            produced = generation.token_ids + ([generation.stop_token] if generation.stop_token is not None else [])
             log_probs = teacher_forced_log_probs(engine.model, cache, first_logits, reference_ids or produced)
             if reference_ids is None:
                 reference_ids, reference_log_probs = produced, log_probs
@@ -242,7 +252,8 @@ def _single(engine, sample, cells, wanted, request, query_aware, force, outcome)
                 continue
             prediction = engine.tokenizer.decode(generation.token_ids, skip_special_tokens=True).strip()
             yield _row(context, index, cell, prediction, costs, question_s=question_s, decode_s=generation.seconds,
-                       decode_tokens=len(generation.token_ids), matches_full=produced == reference_ids,
+                       decode_tokens=len(generation.token_ids), decode_rows=len(prepared),
+                       matches_full=produced == reference_ids,
                        kl_vs_full=mean_kl_divergence(reference_log_probs, log_probs))
 
 

@@ -14,7 +14,7 @@ from kvlab.cache.quant import QuantizationParams
 from kvlab.cache.quantized import quantize_in_memory
 from kvlab.engine.attention import Observer, install
 from kvlab.engine.compress import budget_from_ratio, compress
-from kvlab.engine.generate import Generation, decode
+from kvlab.engine.generate import Generation, decode, decode_rows
 from kvlab.engine.prefill import DEFAULT_CHUNK_TOKENS, PrefillResult, prefill
 from kvlab.engine.prompt import PromptParts, question_ids, split_prompt, stop_token_ids
 from kvlab.engine.runner import ModelRunner
@@ -139,6 +139,14 @@ class Engine:
         return decode(runner, first_logits, max_new_tokens=max_new_tokens, sampler=Sampler(sampling),
                       stop_token_ids=set() if ignore_eos else self.stop_ids, text=text, on_text=on_text,
                       check=check)
+
+    def decode_rows(self, caches: list[KVCache], first_logits: list[torch.Tensor], *, max_new_tokens: int,
+                    sampling: SamplingConfig = SamplingConfig()) -> list[Generation]:
+        """Answer on several caches at once (they grow in place; pass forks to keep them): the decode loop of
+        ``continue_and_decode`` with each step's forward pass shared by the rows still running."""
+        runners = [ModelRunner(self.model, cache) for cache in caches]
+        return decode_rows(runners, first_logits, max_new_tokens=[max_new_tokens] * len(caches),
+                           samplers=[Sampler(sampling) for _ in caches], stop_token_ids=self.stop_ids)
 
     def feed(self, cache: KVCache, token_ids: torch.Tensor, observer: Observer | None = None) -> torch.Tensor:
         """Append ``token_ids`` (1-D) to ``cache`` in place, in chunks; return the last position's logits (vocab,)."""

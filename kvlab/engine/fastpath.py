@@ -53,28 +53,43 @@ class FastDecoder:
     def step(self, token: torch.Tensor, cache: KVCache, position: torch.Tensor) -> torch.Tensor:
         """Feed one token (a 1-element long tensor) at ``position`` ((1,) int64); returns its logits (vocab,) fp32.
         The cache's ``num_tokens`` and settling are the caller's (``ModelRunner.feed``)."""
-        hidden = self.body.embed_tokens(token.reshape(1, 1))
-        cos, sin = self.body.rotary_emb(hidden, position[None])
+        return self.step_rows(token.reshape(1), [cache], position.reshape(1))[0]
+
+    @torch.inference_mode()
+    def step_rows(self, tokens: torch.Tensor, caches: list[KVCache], positions: torch.Tensor) -> torch.Tensor:
+        """One token for each of B independent sequences: ``tokens`` (B,) long, ``caches`` one per row,
+        ``positions`` (B,) int64; returns logits (B, vocab) fp32. The rows share every weight read (the linear
+        layers run once on B rows) and attend each to its own cache. With B > 1 the matrix products run on B rows
+        at once, so the last bits of a row's logits can differ from a one-row step."""
+        rows = int(tokens.numel())
+        hidden = self.body.embed_tokens(tokens.reshape(1, rows))
+        cos, sin = self.body.rotary_emb(hidden, positions.reshape(1, rows))
         for index, layer in enumerate(self.layers):
             residual = hidden
             hidden = layer.input_layernorm(hidden)
-            hidden = residual + self._attention(layer.self_attn, hidden, cos, sin, cache, index, position)
+            hidden = residual + self._attention(layer.self_attn, hidden, cos, sin, caches, index, positions)
             residual = hidden
             hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
         hidden = self.body.norm(hidden)
-        return self.model.lm_head(hidden)[0, -1].float()
+        return self.model.lm_head(hidden)[0].float()
 
-    def _attention(self, attention, hidden, cos, sin, cache: KVCache, index: int, position) -> torch.Tensor:
-        shape = (1, 1, -1, self.head_dim)
+    def _attention(self, attention, hidden, cos, sin, caches: list[KVCache], index: int, positions) -> torch.Tensor:
+        rows = hidden.shape[1]
+        shape = (1, rows, -1, self.head_dim)
         query = attention.q_proj(hidden).view(shape).transpose(1, 2)
         key = attention.k_proj(hidden).view(shape).transpose(1, 2)
         value = attention.v_proj(hidden).view(shape).transpose(1, 2)
         query, key = self.rotate(query, key, cos, sin)
-        layer = cache.layers[index]
-        layer.append(key[0], value[0], position)
-        keys, values = layer.attention_tensors()
-        output = attend(query, keys.unsqueeze(0), values.unsqueeze(0), layer, position, self.scaling)
-        return attention.o_proj(output.transpose(1, 2).reshape(1, 1, -1))
+        outputs = []
+        for row, cache in enumerate(caches):
+            layer = cache.layers[index]
+            position = positions[row:row + 1]
+            layer.append(key[0, :, row:row + 1], value[0, :, row:row + 1], position)
+            keys, values = layer.attention_tensors()
+            outputs.append(attend(query[:, :, row:row + 1], keys.unsqueeze(0), values.unsqueeze(0), layer, position,
+                                  self.scaling))
+        output = outputs[0] if rows == 1 else torch.cat(outputs, dim=2)
+        return attention.o_proj(output.transpose(1, 2).reshape(1, rows, -1))
 
 
 def _supported(model) -> bool:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import torch
 
-from kvlab.engine.runner import ModelRunner
+from kvlab.engine.runner import ModelRunner, feed_rows
 from kvlab.engine.sampling import Sampler
 from kvlab.engine.text import TextStream
 
@@ -28,8 +29,48 @@ class Generation:
         return len(self.token_ids) / self.seconds if self.seconds > 0 else 0.0
 
 
+class _Decoding:
+    """One sequence's side of the loop: sampling, stop tokens, stop strings and text deltas."""
+
+    def __init__(self, max_new_tokens: int, sampler: Sampler, stop_token_ids: AbstractSet[int],
+                 text: TextStream | None, on_text: Callable[[str], None] | None) -> None:
+        self.max_new_tokens, self.sampler, self.stop_token_ids = max_new_tokens, sampler, stop_token_ids
+        self.text, self.on_text = text, on_text
+        self.tokens: list[int] = []
+        self.stopped_by: str = "max_new_tokens"
+        self.stop_token: int | None = None
+        self.done = max_new_tokens < 1
+        self.seconds = 0.0
+
+    def take(self, logits: torch.Tensor) -> int | None:
+        """Sample from ``logits``; return the token to feed next, or None once this sequence has ended (the last
+        sampled token is never fed: the cache holds every answer token but it)."""
+        token = self.sampler(logits)
+        if token in self.stop_token_ids:
+            self.stopped_by, self.stop_token, self.done = "stop_token", token, True
+            return None
+        self.tokens.append(token)
+        if self.text is not None:
+            self.text.push(token)
+            if self.text.stopped:
+                self.stopped_by, self.done = "stop_string", True
+                return None
+            _emit(self.text, self.on_text)
+        if len(self.tokens) == self.max_new_tokens:
+            self.done = True
+            return None
+        return token
+
+    def result(self) -> Generation:
+        if self.text is not None:
+            self.text.finish()
+            _emit(self.text, self.on_text, final=True)
+        return Generation(self.tokens, self.seconds, self.stopped_by, self.stop_token,
+                          None if self.text is None else self.text.text)
+
+
 def decode(runner: ModelRunner, first_logits: torch.Tensor, *, max_new_tokens: int, sampler: Sampler,
-           stop_token_ids: set[int], text: TextStream | None = None,
+           stop_token_ids: AbstractSet[int], text: TextStream | None = None,
            on_text: Callable[[str], None] | None = None,
            check: Callable[[], None] | None = None) -> Generation:
     """Generate up to ``max_new_tokens`` tokens; ``first_logits`` (vocab,) predicts the first one.
@@ -39,33 +80,42 @@ def decode(runner: ModelRunner, first_logits: torch.Tensor, *, max_new_tokens: i
     and may raise to cancel. The last sampled token is never fed: the cache holds every answer token but it.
     """
     started = time.perf_counter()
-    tokens: list[int] = []
+    state = _Decoding(max_new_tokens, sampler, stop_token_ids, text, on_text)
     logits = first_logits
-    stopped_by, stop_token = "max_new_tokens", None
-    for step in range(max_new_tokens):
-        token = sampler(logits)
-        if token in stop_token_ids:
-            stopped_by, stop_token = "stop_token", token
-            break
-        tokens.append(token)
-        if text is not None:
-            text.push(token)
-            if text.stopped:
-                stopped_by = "stop_string"
-                break
-            _emit(text, on_text)
-        if step + 1 == max_new_tokens:
+    while not state.done:
+        token = state.take(logits)
+        if token is None:
             break
         if check is not None:
             check()
-        step_logits = runner.feed(torch.tensor([token], dtype=torch.long))
-        assert step_logits is not None  # feed returns logits unless logits_to_keep=0
-        logits = step_logits[-1]
-    if text is not None:
-        text.finish()
-        _emit(text, on_text, final=True)
-    return Generation(tokens, time.perf_counter() - started, stopped_by, stop_token,
-                      None if text is None else text.text)
+        logits = runner.step(token)
+    state.seconds = time.perf_counter() - started
+    return state.result()
+
+
+def decode_rows(runners: list[ModelRunner], first_logits: list[torch.Tensor], *, max_new_tokens: list[int],
+                samplers: list[Sampler], stop_token_ids: AbstractSet[int]) -> list[Generation]:
+    """``decode`` for several independent sequences at once (a bench grid's cells on one prompt): the same
+    per-sequence rule, with each step's forward pass shared by the sequences still running
+    (``runner.feed_rows``). A row's ``seconds`` is the shared loop's wall time until that row ended."""
+    started = time.perf_counter()
+    states = [_Decoding(limit, sampler, stop_token_ids, None, None) for limit, sampler in zip(max_new_tokens, samplers)]
+    logits = list(first_logits)
+    active = list(range(len(states)))
+    while active:
+        feeding = []
+        for row in active:
+            token = states[row].take(logits[row])
+            if token is None:
+                states[row].seconds = time.perf_counter() - started
+            else:
+                feeding.append((row, token))
+        active = [row for row, _ in feeding]
+        if feeding:
+            for (row, _), row_logits in zip(feeding, feed_rows([runners[row] for row in active],
+                                                               [token for _, token in feeding])):
+                logits[row] = row_logits
+    return [state.result() for state in states]
 
 
 def _emit(text: TextStream, on_text: Callable[[str], None] | None, final: bool = False) -> None:

@@ -45,3 +45,26 @@ class ModelRunner:
         self.cache.num_tokens += count
         self.cache.settle()
         return output.logits[0, -logits_to_keep:].float() if logits_to_keep else None
+
+    def step(self, token: int) -> torch.Tensor:
+        """Append one token; return the logits (vocab,) fp32 predicting the next."""
+        logits = self.feed(torch.tensor([token], dtype=torch.long))
+        assert logits is not None  # logits_to_keep is 1
+        return logits[-1]
+
+
+def feed_rows(runners: list[ModelRunner], tokens: list[int]) -> list[torch.Tensor]:
+    """One token for each runner's cache; returns each row's logits (vocab,). Where the decode fast path applies,
+    all rows go through one forward pass, so they share the weight reads (``FastDecoder.step_rows``); otherwise
+    each runner takes its own step."""
+    fast = runners[0].fast if runners else None
+    if fast is None or len(runners) == 1 or any(runner.model is not runners[0].model for runner in runners):
+        return [runner.step(token) for runner, token in zip(runners, tokens)]
+    device = runners[0].device
+    positions = torch.tensor([runner.cache.num_tokens for runner in runners], device=device)
+    logits = fast.step_rows(torch.tensor(tokens, dtype=torch.long, device=device),
+                            [runner.cache for runner in runners], positions)
+    for runner in runners:
+        runner.cache.num_tokens += 1
+        runner.cache.settle()
+    return list(logits)

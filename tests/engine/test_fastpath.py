@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kvlab.engine import Engine
+from kvlab.engine import Engine, SamplingConfig
 from kvlab.engine.fastpath import FastDecoder
 from kvlab.engine.runner import ModelRunner
 from kvlab.policies import make_policy
@@ -34,3 +34,23 @@ def test_fast_steps_equal_the_full_forward(model_name, policy, request):
 
 def test_not_used_for_other_architectures(tiny_gemma3):
     assert FastDecoder.for_model(tiny_gemma3.model) is None
+
+
+@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gemma3"])
+def test_rows_answer_like_separate_decodes(model_name, request):
+    loaded = request.getfixturevalue(model_name)
+    engine = Engine(loaded)
+    ids = torch.randint(3, 250, (120,), generator=torch.Generator().manual_seed(1))
+    result = engine.prefill(ids, make_policy("snapkv").observation_request())
+    caches = [engine.compress(result, make_policy(name), ratio=ratio)[0]
+              for name, ratio in (("full", 0.0), ("snapkv", 0.5), ("streaming_llm", 0.75))]
+    together = engine.decode_rows([cache.fork() for cache in caches], [result.last_logits] * 3, max_new_tokens=12)
+    for cache, generation in zip(caches, together):
+        alone = engine.continue_and_decode(cache.fork(), None, result.last_logits, max_new_tokens=12,
+                                           sampling=SamplingConfig())
+        assert generation.token_ids == alone.token_ids
+        assert generation.stopped_by == alone.stopped_by
+    # the caches the rows decoded on grew by their own answers only
+    grown = [cache.fork() for cache in caches]
+    engine.decode_rows(grown, [result.last_logits] * 3, max_new_tokens=5)
+    assert [cache.num_tokens for cache in grown] == [124] * 3 and all(c.num_tokens == 120 for c in caches)
