@@ -5,7 +5,8 @@ observation requests). The full cache answers first: its greedy answer is the fi
 compresses a copy (tensors are shared copy-on-write, see ``KVCache.fork``), answers, is scored, and is
 teacher-forced along the reference answer to measure KL divergence. In single mode the cells of one question
 answer together in one decode loop whose steps share the weight reads (``Engine.decode_rows``; a row's
-``decode_s`` is that loop's time until the row ended, ``decode_rows`` how many answered together). Modes (SCBench's shared-context settings):
+``decode_s`` is that loop's time until the row ended, ``decode_rows`` how many answered together).
+Modes (SCBench's shared-context settings):
 
 - ``single``: every question is asked on its own, on top of the compressed context (query-aware: the question is
   part of the prefix, so each question needs its own prefill);
