@@ -26,8 +26,9 @@ def summarize(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
         cell = (row["policy"], row["ratio"], row.get("quantization"))
-        for task in (row["task"], ALL):
-            for length in (row["length_tokens"], 0):
+        # each row counts once per group: --data rows have length 0, the all-lengths key (their n was doubled)
+        for task in dict.fromkeys((row["task"], ALL)):
+            for length in dict.fromkeys((row["length_tokens"], 0)):
                 groups[(*cell, task, length)].append(row)
     summary = []
     for (policy, ratio, quantization, task, length), members in sorted(groups.items(), key=_order):
