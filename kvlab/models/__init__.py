@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from kvlab.errors import ModelLoadError, UnknownModelError
+from kvlab.errors import ModelLoadError, ParameterError, UnknownModelError
 from kvlab.models.embedded import EMBEDDED_MODELS, TINY_MODELS, EmbeddedModel
 from kvlab.models.fingerprint import model_fingerprint
 
@@ -64,7 +64,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | None = None,
 
     check_weight_scheme(weights)
     default_device, default_dtype = default_device_and_dtype()
-    target_device = torch.device(device) if device else default_device
+    target_device = check_device(device) if device else default_device
     target_dtype = dtype or (default_dtype if target_device.type == "cuda" else torch.float32)
 
     if name_or_path in TINY_MODELS:
@@ -77,6 +77,22 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | None = None,
     model = model.to(device=target_device, dtype=target_dtype).eval()
     quantize_weights(model, weights)
     return LoadedModel(name=name_or_path, model=model, tokenizer=tokenizer, weights=weights)
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch device that this machine has; one clear ParameterError otherwise."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ParameterError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ParameterError(f"--device {device}: this torch build has no CUDA or no GPU is visible; use --device cpu "
+                             f"or install a CUDA build of torch (see the README's install notes)")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ParameterError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ParameterError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    return parsed
 
 
 def _resolve_folder(name_or_path: str, progress: bool) -> str:

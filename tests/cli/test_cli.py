@@ -117,3 +117,16 @@ def test_unknown_weights_scheme_is_one_line(capsys):
         main(["ask", "--model", "tiny-llama", "--context-file", "x", "--question", "q", "--weights", "int3"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'int3'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device,message", [("gpu", "unknown device 'gpu'"), ("cuda", "no CUDA"),
+                                            ("cuda:7", "CUDA")])
+def test_unusable_device_is_one_line(document, capsys, device, message):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available() or device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has the device")
+    code = main(["ask", "--model", "tiny-llama", "--context-file", str(document), "--question", QUESTION,
+                 "--device", device])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
