@@ -46,6 +46,11 @@ def run(args: argparse.Namespace) -> int:
     from kvlab.models import load_model
 
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    for flag, value in (("--cache", args.cache), ("--context-file", args.context_file)):
+        if value is not None and not value.strip():
+            from kvlab.errors import ParameterError
+
+            raise ParameterError(f"{flag} is empty; give a file path (or, for --cache, a store key prefix)")
     if args.cache:
         return run_cached(args, sampling)
     context = read_text(args.context_file)

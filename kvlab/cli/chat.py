@@ -32,6 +32,11 @@ def run(args: argparse.Namespace) -> int:
     from kvlab.store.documents import compress_document, conversation_for, open_document, save_conversation
     from kvlab.units import format_mib
 
+    for flag, value in (("--cache", args.cache), ("--context-file", args.context_file)):
+        if value is not None and not value.strip():
+            from kvlab.errors import ParameterError
+
+            raise ParameterError(f"{flag} is empty; give a file path (or, for --cache, a store key prefix)")
     if args.cache:
         from kvlab.cli.ask import refuse_policy_flags
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,9 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if not math.isfinite(self.temperature) or not math.isfinite(self.top_p):
+            raise ParameterError(f"temperature and top_p must be finite numbers (got {self.temperature}, "
+                                 f"{self.top_p})")
         if self.temperature < 0:
             raise ParameterError(f"temperature must be >= 0 (got {self.temperature}); 0 means greedy")
         if not 0 < self.top_p <= 1:

@@ -119,9 +119,10 @@ def _load_pretrained(folder: str, dtype: torch.dtype):
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
-    except OSError as error:
+    except (OSError, ValueError) as error:  # a missing file, or a folder without a usable model or tokenizer
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelLoadError(f"could not load model {folder!r}: {first_line}") from None
+        raise ModelLoadError(f"could not load model {folder!r}: {first_line}; the folder needs a transformers "
+                             f"checkpoint (config.json, weights) and its tokenizer") from None
     finally:
         if bars_were_enabled:
             hf_logging.enable_progress_bar()

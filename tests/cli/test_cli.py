@@ -130,3 +130,21 @@ def test_unusable_device_is_one_line(document, capsys, device, message):
                  "--device", device])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--cache", ""], "--cache is empty"),
+    (["--context-file", " "], "--context-file is empty"),
+    (["--context-file", "DOC", "--temperature", "nan"], "must be finite"),
+])
+def test_degenerate_values_are_one_line(document, capsys, extra, message):
+    extra = [str(document) if item == "DOC" else item for item in extra]
+    code = main(["ask", "--model", "tiny-llama", "--question", QUESTION, *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_folder_without_a_model_is_one_line(document, tmp_path, capsys):
+    code = main(["compress", "--model", str(tmp_path), "--context-file", str(document)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "could not load model" in err and len(err.splitlines()) == 1
