@@ -12,7 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     remove = actions.add_parser("rm", help="remove one stored cache by key (or a unique key prefix)")
     remove.add_argument("key")
     collect = actions.add_parser("gc", help="remove least recently used caches until the store fits a size")
-    collect.add_argument("--max-size", required=True, help="e.g. 2GB, 500MiB, 0")
+    collect.add_argument("--max-size", required=True, help="size with a unit, e.g. 2GB, 500MiB; 0 empties the store")
+    collect.add_argument("--dry-run", action="store_true", help="list what would be removed and remove nothing")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,7 +40,14 @@ def run(args: argparse.Namespace) -> int:
         entry = store.remove(args.key)
         print(f"removed {entry.key[:12]} ({format_mib(entry.size_bytes)})")
         return 0
-    removed = store.gc(parse_size(args.max_size))
+    removed = store.gc(parse_size(args.max_size, require_unit=True), dry_run=args.dry_run)
+    if args.dry_run:
+        for entry in removed:
+            print(f"would remove {entry.key[:12]}  {format_mib(entry.size_bytes):>10}")
+        left = store.total_bytes() - sum(entry.size_bytes for entry in removed)
+        print(f"would remove {len(removed)} caches ({format_mib(sum(e.size_bytes for e in removed))}); "
+              f"{format_mib(left)} would be left in {store.root}")
+        return 0
     print(f"removed {len(removed)} caches ({format_mib(sum(e.size_bytes for e in removed))}); "
           f"{format_mib(store.total_bytes())} left in {store.root}")
     return 0

@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
                         kv_quant=args.kv_quant,
                         store_root=args.store,
                         max_queue=args.max_queue, request_timeout_s=args.timeout,
-                        default_max_tokens=args.max_tokens, session_cache_bytes=parse_size(args.session_cache))
+                        default_max_tokens=args.max_tokens, session_cache_bytes=parse_size(args.session_cache,
+                                                                                      require_unit=True))
     app = create_app(settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

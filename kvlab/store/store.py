@@ -34,13 +34,17 @@ SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12
               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, *, require_unit: bool = False) -> int:
     """``'2GB'`` → 2_000_000_000 bytes; KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB of 1024; bare numbers are
-    bytes. Units are case-insensitive. Raises ParameterError."""
+    bytes, unless ``require_unit`` (command-line sizes: ``2`` is far more likely to mean 2 GB than 2 bytes), where
+    only ``0`` may go without one. Units are case-insensitive. Raises ParameterError."""
     match = _SIZE.fullmatch(text) if isinstance(text, str) else None
     if match is None or match.group(2).lower() not in SIZE_UNITS:
         raise ParameterError(f"cannot read size {text!r}: give a number of bytes or a number with one of the units "
                              f"KB, MB, GB, TB, KiB, MiB, GiB, TiB (e.g. 2GB, 512MiB)")
+    if require_unit and not match.group(2) and float(match.group(1)) != 0:
+        raise ParameterError(f"size {text!r} has no unit: write it with one, e.g. {match.group(1)}GB or "
+                             f"{match.group(1)}MiB (or {match.group(1)}B if you mean bytes)")
     return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
 
 
@@ -158,13 +162,14 @@ class CacheStore:
                                  f"{', …' if len(matches) > 5 else ''}); give more characters of the key")
         return matches[0]
 
-    def gc(self, max_bytes: int) -> builtins.list[StoreEntry]:  # ``list`` here is the method above
+    def gc(self, max_bytes: int, *, dry_run: bool = False) -> builtins.list[StoreEntry]:  # ``list``: the method
         """Delete least recently used entries until at most ``max_bytes`` remain, and temporary files older than an
-        hour (left by interrupted writes); returns the deleted entries."""
+        hour (left by interrupted writes); returns the deleted entries. ``dry_run`` deletes nothing and returns
+        the entries that would go."""
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
             raise ParameterError(f"max_bytes must be an integer >= 0 (got {max_bytes!r})")
         now = time.time()
-        for temp in self.root.glob(f"??/*{TEMP_SUFFIX}"):
+        for temp in [] if dry_run else self.root.glob(f"??/*{TEMP_SUFFIX}"):
             try:
                 if now - temp.stat().st_mtime > STALE_TEMP_SECONDS:
                     temp.unlink()
@@ -176,7 +181,8 @@ class CacheStore:
         for entry in entries:
             if total <= max_bytes:
                 break
-            self._delete(entry.path)
+            if not dry_run:
+                self._delete(entry.path)
             total -= entry.size_bytes
             removed.append(entry)
         return removed

@@ -185,6 +185,12 @@ def test_cache_ls_rm_gc(document, tiny_llama, capsys):
     one_line_error(capsys, ["cache", "rm", shared], "give more characters")
     one_line_error(capsys, ["cache", "rm", "xyz"], "no cache entry")
     one_line_error(capsys, ["cache", "gc", "--max-size", "12XB"], "cannot read size")
+    one_line_error(capsys, ["cache", "gc", "--max-size", "2"], "has no unit")  # 2 bytes would empty the store
+    assert len(CacheStore().list()) == 17
+    assert main(["cache", "gc", "--max-size", "0", "--dry-run"]) == 0
+    dry = capsys.readouterr().out.splitlines()
+    assert dry[-1].startswith("would remove 17 caches") and len(dry) == 18
+    assert len(CacheStore().list()) == 17  # nothing was removed
     assert main(["cache", "rm", first["key"][:10]]) == 0
     assert capsys.readouterr().out.startswith(f"removed {first['key'][:12]}")
     assert first["key"] not in {entry.key for entry in CacheStore().list()}
