@@ -40,19 +40,19 @@ def _drop_neutral(data: Any) -> Any:
 class KvlabOptions(BaseModel):
     """The ``kvlab`` extension object of a completion request (openai client: ``extra_body={"kvlab": {...}}``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no "yes" -> True, no true -> 1
     document_id: str | None = Field(default=None, description="answer on top of this document's compressed cache")
     ignore_eos: bool = Field(default=False, description="keep generating past end-of-turn tokens (for benchmarks)")
     top_k: int = Field(default=0, ge=0, description="sample among the k most likely tokens; 0 disables it")
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no "yes" -> True, no true -> 1
     include_usage: bool = False
 
 
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no "yes" -> True, no true -> 1
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
@@ -131,7 +131,7 @@ class CompletionRequest(SamplingFields):
 class DocumentRequest(BaseModel):
     """``POST /v1/documents``: the text, and optionally a policy and its amount (else the server's)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no "yes" -> True, no true -> 1
     text: str = Field(min_length=1)
     model: str | None = None
     policy: str | None = None

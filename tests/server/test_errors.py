@@ -59,6 +59,9 @@ def test_malformed_body_is_400(server, content, headers):
     ({"n": 3}, None, "n=3 is not supported"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role", "user"),
+    ({"stream": "yes"}, "stream", "boolean"),  # no coercion of strings into flags
+    ({"max_tokens": True}, "max_tokens", "integer"),  # nor of booleans into numbers
+    ({"temperature": "0.5"}, "temperature", "number"),
 ])
 def test_schema_violation_is_422_naming_the_field(server, change, param, fragment):
     response = httpx.post(f"{server.url}/v1/chat/completions", json={**CHAT, **change})
