@@ -8,9 +8,21 @@ sends the defaults works and one that relies on a feature hears that it is missi
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+def _encodable(value: str) -> str:
+    """Text the tokenizer can take: a lone surrogate (``"\\ud800"``, valid JSON) is not UTF-8 and is refused."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text holds an unpaired UTF-16 surrogate, which is not valid Unicode text") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 NEUTRAL = {  # parameter -> values that mean "not used"
@@ -82,7 +94,7 @@ class SamplingFields(BaseModel):
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
@@ -91,6 +103,11 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _encodable_content(cls, value):
+        return _encodable(value) if isinstance(value, str) else value
 
     @property
     def text(self) -> str:
@@ -121,7 +138,7 @@ class CompletionRequest(SamplingFields):
             value = value[0]
         if not value:
             raise ValueError("the prompt is empty")
-        return value
+        return _encodable(value) if isinstance(value, str) else value
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -132,7 +149,7 @@ class DocumentRequest(BaseModel):
     """``POST /v1/documents``: the text, and optionally a policy and its amount (else the server's)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)  # no "yes" -> True, no true -> 1
-    text: str = Field(min_length=1)
+    text: Text = Field(min_length=1)
     model: str | None = None
     policy: str | None = None
     policy_params: dict[str, float | int | str | bool] = Field(default_factory=dict)

@@ -3,6 +3,7 @@ Retry-After, timeouts, a disconnecting client cancels its generation)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -62,9 +63,12 @@ def test_malformed_body_is_400(server, content, headers):
     ({"stream": "yes"}, "stream", "boolean"),  # no coercion of strings into flags
     ({"max_tokens": True}, "max_tokens", "integer"),  # nor of booleans into numbers
     ({"temperature": "0.5"}, "temperature", "number"),
+    ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages.0.content", "surrogate"),
 ])
 def test_schema_violation_is_422_naming_the_field(server, change, param, fragment):
-    response = httpx.post(f"{server.url}/v1/chat/completions", json={**CHAT, **change})
+    # json.dumps escapes a lone surrogate as \ud800, which is valid JSON (httpx's json= cannot encode it)
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=json.dumps({**CHAT, **change}),
+                          headers={"content-type": "application/json"})
     error = error_of(response, 422)
     assert error["param"] == param and fragment in error["message"]
 
