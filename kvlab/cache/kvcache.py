@@ -239,10 +239,6 @@ class KVCache:
         """Bytes the key and value storage occupies (spare capacity included)."""
         return sum(layer.allocated_bytes for layer in self.layers)
 
-    @property
-    def quantized(self) -> bool:
-        return any(layer.quantized for layer in self.layers)
-
     def full_bytes(self, element_bytes: int | None = None) -> int:
         """Bytes this sequence would take uncompressed, every token in full layers and the window in sliding ones,
         at ``element_bytes`` per element (default: the cache's own dtype)."""

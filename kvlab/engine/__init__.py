@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -148,15 +149,21 @@ class Engine:
         return decode_rows(runners, first_logits, max_new_tokens=[max_new_tokens] * len(caches),
                            samplers=[Sampler(sampling) for _ in caches], stop_token_ids=self.stop_ids)
 
-    def feed(self, cache: KVCache, token_ids: torch.Tensor, observer: Observer | None = None) -> torch.Tensor:
-        """Append ``token_ids`` (1-D) to ``cache`` in place, in chunks; return the last position's logits (vocab,)."""
-        return self._feed(ModelRunner(self.model, cache), token_ids, observer)
+    def feed(self, cache: KVCache, token_ids: torch.Tensor, observer: Observer | None = None, *,
+             check: Callable[[], None] | None = None, chunk_tokens: int | None = None) -> torch.Tensor:
+        """Append ``token_ids`` (1-D) to ``cache`` in place, in chunks (``chunk_tokens``, default the engine's);
+        ``check`` runs before each chunk and may raise to cancel. Returns the last position's logits (vocab,)."""
+        return self._feed(ModelRunner(self.model, cache), token_ids, observer, check=check, chunk_tokens=chunk_tokens)
 
-    def _feed(self, runner: ModelRunner, token_ids: torch.Tensor, observer: Observer | None = None) -> torch.Tensor:
+    def _feed(self, runner: ModelRunner, token_ids: torch.Tensor, observer: Observer | None = None, *,
+              check: Callable[[], None] | None = None, chunk_tokens: int | None = None) -> torch.Tensor:
         if not token_ids.numel():
             raise ParameterError("nothing to feed: the token sequence is empty")
-        for start in range(0, int(token_ids.numel()), self.chunk_tokens):
-            chunk_logits = runner.feed(token_ids[start:start + self.chunk_tokens], observer=observer)
+        chunk = chunk_tokens or self.chunk_tokens
+        for start in range(0, int(token_ids.numel()), chunk):
+            if check is not None:
+                check()
+            chunk_logits = runner.feed(token_ids[start:start + chunk], observer=observer)
             assert chunk_logits is not None  # feed returns logits unless logits_to_keep=0
             logits = chunk_logits[-1]
         return logits

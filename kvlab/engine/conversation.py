@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -73,6 +74,34 @@ class CompressionRule:
 
 
 @dataclass
+class FedTokens:
+    """New tokens fed under a rule: the cache afterwards (compressed again if they took it past the headroom),
+    the logits (vocab,) after the last token, and the seconds spent feeding and compressing."""
+
+    cache: KVCache
+    logits: torch.Tensor
+    feed_s: float
+    compress_s: float
+    recompressed: bool
+
+
+def feed_under_rule(engine: Engine, cache: KVCache, token_ids: torch.Tensor, rule: CompressionRule | None, *,
+                    check: Callable[[], None] | None = None, chunk_tokens: int | None = None) -> FedTokens:
+    """Append ``token_ids`` to ``cache`` (in place), recording what ``rule``'s policy observes, then apply the
+    conversation rule: the one step ``kvlab chat`` and the server's document sessions share."""
+    started = time.perf_counter()
+    count = int(token_ids.numel())
+    recorder = None if rule is None else rule.recorder(engine.layout, cache.num_tokens, count)
+    logits = engine.feed(cache, token_ids, observer=recorder, check=check, chunk_tokens=chunk_tokens)
+    feed_s = time.perf_counter() - started
+    if rule is None or not rule.over_budget(cache):
+        return FedTokens(cache, logits, feed_s, 0.0, False)
+    observations = recorder.observations if recorder is not None else Observations()
+    compressed, compress_s = rule.apply(cache, observations, protected_from=cache.num_tokens - count)
+    return FedTokens(compressed, logits, feed_s, compress_s, True)
+
+
+@dataclass
 class Turn:
     """One answered question. Seconds are wall-clock; ``kept_tokens`` is the mean per head after the turn."""
 
@@ -125,15 +154,10 @@ class Conversation:
         asked = engine.question_ids(question, answer_prefix, follow_up=self.answered > 0)
         new_ids = torch.cat([torch.tensor(self.pending_ids, dtype=torch.long), asked])
         engine.check_length(self.cache.num_tokens + int(new_ids.numel()) + max_new_tokens, force=force)
-        started = time.perf_counter()
-        first_logits, observations = self._feed(new_ids)
-        question_s = time.perf_counter() - started
-        compress_s, recompressed = 0.0, False
-        if self.rule is not None and self.rule.over_budget(self.cache):
-            self.cache, compress_s = self.rule.apply(self.cache, observations,
-                                                     self.cache.num_tokens - int(new_ids.numel()))
-            recompressed = True
-        generation = engine.continue_and_decode(self.cache, None, first_logits, max_new_tokens=max_new_tokens,
+        fed = feed_under_rule(engine, self.cache, new_ids, self.rule)
+        self.cache = fed.cache
+        question_s, compress_s, recompressed = fed.feed_s, fed.compress_s, fed.recompressed
+        generation = engine.continue_and_decode(self.cache, None, fed.logits, max_new_tokens=max_new_tokens,
                                                 sampling=sampling)
         # the decoder feeds every sampled token but the last of an answer cut short; it goes in with the next turn
         self.pending_ids = generation.token_ids[-1:] if generation.stopped_by == "max_new_tokens" else []
@@ -144,11 +168,3 @@ class Conversation:
                     kept_tokens=self.cache.kept_tokens(), stopped_by=generation.stopped_by)
         self.turns.append(turn)
         return turn
-
-    def _feed(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, Observations]:
-        """Append ``token_ids``; return the last logits and what their queries observed (for re-compression)."""
-        count = int(token_ids.numel())
-        recorder = None if self.rule is None else self.rule.recorder(self.engine.layout, self.cache.num_tokens,
-                                                                     count)
-        logits = self.engine.feed(self.cache, token_ids, observer=recorder)
-        return logits, recorder.observations if recorder is not None else Observations()

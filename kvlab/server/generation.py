@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvlab.cache.observations import Observations
+from kvlab.engine.conversation import feed_under_rule
 from kvlab.engine.generate import decode
-from kvlab.engine.observe import ObservationRecorder
 from kvlab.engine.prefill import empty_cache
 from kvlab.engine.runner import ModelRunner
 from kvlab.engine.sampling import Sampler, SamplingConfig
@@ -75,17 +74,17 @@ def generate(state: ServerState, job: Job, prompt: Prompt, options: Options, sub
 
     started = time.perf_counter()
     cache = entry.cache.fork()
-    runner = ModelRunner(state.engine.model, cache)
     new_ids = ids[entry.fed_tokens:]
-    recorder = None if entry.rule is None or not new_ids else entry.rule.recorder(
-        state.engine.layout, cache.num_tokens, len(new_ids))
-    logits = _feed(runner, new_ids, job, state.settings.chunk_tokens, entry.last_logits, recorder)
-    recompressed = False
-    if entry.rule is not None and new_ids and entry.rule.over_budget(cache):
-        observations = recorder.observations if recorder is not None else Observations()
-        cache, _ = entry.rule.apply(cache, observations, protected_from=cache.num_tokens - len(new_ids))
-        runner, recompressed = ModelRunner(state.engine.model, cache), True
-        state.metrics.inc("kvlab_session_recompressions_total")
+    recompressed, logits = False, entry.last_logits
+    if new_ids:  # the conversation rule of `kvlab chat`, with cancellation between chunks
+        fed = feed_under_rule(state.engine, cache, torch.tensor(new_ids, dtype=torch.long), entry.rule,
+                              check=job.check, chunk_tokens=state.settings.chunk_tokens)
+        cache, logits, recompressed = fed.cache, fed.logits, fed.recompressed
+        if recompressed:
+            state.metrics.inc("kvlab_session_recompressions_total")
+    # PrefixCache.lookup never returns an entry with nothing left to feed and no logits
+    assert logits is not None
+    runner = ModelRunner(state.engine.model, cache)
     prefill_s = time.perf_counter() - started
     cached_tokens = document_tokens + entry.fed_tokens
     if new_ids:
@@ -121,20 +120,6 @@ def _max_new_tokens(state: ServerState, prompt_tokens: int, requested: int | Non
             f"({prompt_tokens} in the prompt, document included, and {wanted} to generate); shorten the messages "
             f"or lower max_tokens")
     return wanted
-
-
-def _feed(runner: ModelRunner, token_ids: list[int], job: Job, chunk_tokens: int,
-          cached_logits: torch.Tensor | None, recorder: ObservationRecorder | None) -> torch.Tensor:
-    logits = cached_logits
-    for start in range(0, len(token_ids), chunk_tokens):
-        job.check()
-        chunk_logits = runner.feed(torch.tensor(token_ids[start:start + chunk_tokens], dtype=torch.long),
-                                   observer=recorder)
-        assert chunk_logits is not None  # feed returns logits unless logits_to_keep=0
-        logits = chunk_logits[-1]
-    # PrefixCache.lookup never returns an entry with nothing left to feed and no logits
-    assert logits is not None
-    return logits
 
 
 def _count(state: ServerState, result: Result) -> None:
