@@ -138,7 +138,8 @@ def fidelity_vs_bytes(summary: list[dict]) -> str | None:
 
 def _html(meta: dict, table_markdown: str, figures: dict[str, str]) -> str:
     tables = "".join(_html_table(block) for block in table_markdown.split("\n\n") if block.strip())
-    meta_items = "".join(f"<li><b>{html.escape(str(k))}</b>: {html.escape(str(v))}</li>" for k, v in meta.items())
+    meta_items = "".join(f"<li><b>{html.escape(str(k))}</b>: {html.escape(str(v))}</li>" for k, v in meta.items()
+                         if v is not None)
     images = "".join(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{png}'>"
                      for title, png in figures.items())
     return ("<!doctype html><html><head><meta charset='utf-8'><title>kvlab bench report</title><style>"
