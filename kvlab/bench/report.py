@@ -1,6 +1,7 @@
 """The bench report: ``summary.json``, ``report.md`` and a self-contained ``report.html`` with the plots.
 
-Plots (matplotlib, Agg backend): score vs eviction ratio per policy; needle-in-a-haystack score by depth and
+Plots (matplotlib, Agg backend): score vs eviction ratio per policy; the budget frontier (score against the KV
+bytes held, every policy x quantization cell, Pareto-optimal cells joined); needle-in-a-haystack score by depth and
 length per policy; fidelity (KL vs the full cache) against the KV bytes kept.
 """
 
@@ -10,28 +11,49 @@ import base64
 import html
 import io
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
-from kvlab.bench.summary import markdown_tables, overall, per_turn, summarize
+from kvlab.bench.summary import (
+    best_per_budget,
+    budget_table,
+    fraction_label,
+    frontier,
+    markdown_tables,
+    overall,
+    per_turn,
+    summarize,
+)
 from kvlab.fileio import atomic_write_text
 
 NEEDLE_TASK_PREFIX = "niah"
+# Okabe & Ito's colour-blind-safe palette; black first (``full``), yellow last (faint on white)
+OKABE_ITO = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#F0E442")
+QUANT_MARKERS = {None: "o", "int8": "s", "int4": "^", "int2": "D"}
+MARKED_BUDGETS = (0.25, 0.125, 0.0625)
+FRONTIER_CAPTION = ("Each point is one grid cell (eviction policy x KV quantization), placed by the KV bytes it holds "
+                    "against the full cache at fp16; the step line joins the Pareto-optimal cells, i.e. the best "
+                    "score reachable within each memory budget.")
 
 
 def write_report(out_dir: Path, rows: list[dict], meta: dict) -> dict:
-    """Write summary.json, report.md and report.html into ``out_dir``; return the paths and the table."""
+    """Write summary.json, report.md and report.html into ``out_dir``; return the paths and the main table (the
+    files also carry the best cell per memory budget)."""
     out_dir = Path(out_dir)
     summary = summarize(rows)
     turns = per_turn(rows)
     table = markdown_tables(summary, turns)
-    atomic_write_text(out_dir / "summary.json",
-                      json.dumps({"meta": meta, "rows": summary, "turns": turns}, indent=2) + "\n")
-    atomic_write_text(out_dir / "report.md", f"# kvlab bench report\n\n{_meta_lines(meta)}\n\n{table}\n")
+    tables = "\n\n".join(block for block in (table, budget_table(summary)) if block)
+    atomic_write_text(out_dir / "summary.json", json.dumps(
+        {"meta": meta, "rows": summary, "turns": turns, "best_per_budget": best_per_budget(summary)}, indent=2) + "\n")
+    atomic_write_text(out_dir / "report.md", f"# kvlab bench report\n\n{_meta_lines(meta)}\n\n{tables}\n")
+    frontier_png = budget_frontier(summary)
     figures = {"Score vs eviction ratio": score_vs_ratio(summary),
+               "Budget frontier: score vs memory": (frontier_png, FRONTIER_CAPTION) if frontier_png else None,
                "Needle retrieval by depth and length": needle_heatmaps(rows),
                "Fidelity vs KV bytes kept": fidelity_vs_bytes(summary)}
-    atomic_write_text(out_dir / "report.html", _html(meta, table, {k: v for k, v in figures.items() if v}))
+    atomic_write_text(out_dir / "report.html", _html(meta, tables, {k: v for k, v in figures.items() if v}))
     return {"summary": out_dir / "summary.json", "markdown": out_dir / "report.md",
             "html": out_dir / "report.html", "table": table}
 
@@ -80,6 +102,77 @@ def score_vs_ratio(summary: list[dict]) -> str | None:
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8, loc="lower left")
     return _png(figure)
+
+
+def budget_frontier(summary: list[dict]) -> str | None:
+    """Score (mean ± s.e.) against memory fraction (KV bytes held / full bytes at fp16, log2 axis; compression on
+    top) for every overall cell: colour by policy, marker by quantization, the Pareto frontier as a step line with
+    its cells ringed, dotted lines at the budgets 1/4, 1/8 and 1/16. None when no cell has byte figures."""
+    cells = [cell for cell in frontier(summary) if cell["memory_fraction"] is not None]
+    if not cells:
+        return None
+    plt = _figure()
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    policies = sorted({cell["policy"] for cell in cells}, key=lambda name: (name != "full", name))
+    colours = {name: OKABE_ITO[i % len(OKABE_ITO)] for i, name in enumerate(policies)}
+    for cell in cells:
+        axis.errorbar(cell["memory_fraction"], cell["score"], yerr=cell["stderr"], capsize=3, linestyle="none",
+                      marker=_marker(cell["quantization"]), color=colours[cell["policy"]], markersize=6)
+    _draw_pareto(axis, cells)
+    for budget in MARKED_BUDGETS:
+        axis.axvline(budget, color="grey", linestyle=":", linewidth=1)
+    _fraction_axes(axis, [cell["memory_fraction"] for cell in cells] + list(MARKED_BUDGETS))
+    axis.set_xlabel("KV bytes held / full cache bytes at fp16 (log scale; dotted: budgets 1/4, 1/8, 1/16)")
+    axis.set_ylabel("task score (mean ± s.e.)")
+    axis.set_ylim(-0.03, 1.03)
+    axis.grid(alpha=0.3)
+    axis.legend(handles=_frontier_legend(colours, cells), fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1),
+                borderaxespad=0)
+    return _png(figure)
+
+
+def _marker(quantization: str | None) -> str:
+    return QUANT_MARKERS.get(quantization, "X")
+
+
+def _draw_pareto(axis, cells: list[dict]) -> None:
+    """The frontier as a step function (best score within each memory) up to the largest memory, cells ringed."""
+    points = sorted((cell["memory_fraction"], cell["score"]) for cell in cells if cell["pareto"])
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    axis.step(xs + [max(cell["memory_fraction"] for cell in cells)], ys + ys[-1:], where="post", color="grey",
+              linewidth=1.2, zorder=1)
+    axis.scatter(xs, ys, s=170, facecolors="none", edgecolors="black", linewidths=1, zorder=3)
+
+
+def _fraction_axes(axis, fractions: list[float]) -> None:
+    """Log2 x axis with ticks at powers of two labelled 1, 1/2, 1/4 ...; the compression (4x ...) on top."""
+    from matplotlib.ticker import NullLocator
+
+    low, high = math.floor(math.log2(min(fractions))), math.ceil(math.log2(max(fractions)))
+    ticks = [2.0 ** exponent for exponent in range(low, high + 1)]
+    axis.set_xscale("log", base=2)
+    axis.set_xlim(ticks[0] / 1.25, ticks[-1] * 1.25)
+    axis.set_xticks(ticks, [fraction_label(tick) for tick in ticks])
+    axis.xaxis.set_minor_locator(NullLocator())
+    top = axis.twiny()
+    top.set_xscale("log", base=2)
+    top.set_xlim(axis.get_xlim())
+    top.set_xticks(ticks, [f"{1 / tick:g}x" for tick in ticks])
+    top.xaxis.set_minor_locator(NullLocator())
+    top.set_xlabel("compression vs fp16", fontsize=8)
+
+
+def _frontier_legend(colours: dict[str, str], cells: list[dict]) -> list:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colour, marker="o", linestyle="none", label=name)
+               for name, colour in colours.items()]
+    for quantization in sorted({cell["quantization"] for cell in cells}, key=lambda q: (q is not None, str(q))):
+        handles.append(Line2D([], [], color="grey", marker=_marker(quantization), linestyle="none",
+                              label=f"KV {quantization or 'not quantized'}"))
+    handles.append(Line2D([], [], color="grey", marker="o", markerfacecolor="none", markeredgecolor="black",
+                          markersize=10, label="Pareto frontier"))
+    return handles
 
 
 def needle_heatmaps(rows: list[dict]) -> str | None:
@@ -136,17 +229,34 @@ def fidelity_vs_bytes(summary: list[dict]) -> str | None:
     return _png(figure)
 
 
-def _html(meta: dict, table_markdown: str, figures: dict[str, str]) -> str:
-    tables = "".join(_html_table(block) for block in table_markdown.split("\n\n") if block.strip())
+def _html(meta: dict, table_markdown: str, figures: dict[str, str | tuple[str, str]]) -> str:
+    """The page: meta list, the markdown blocks, then each figure under its title; a figure given as
+    ``(png, caption)`` gets the caption under the image."""
+    tables = "".join(_html_block(block) for block in table_markdown.split("\n\n") if block.strip())
     meta_items = "".join(f"<li><b>{html.escape(str(k))}</b>: {html.escape(str(v))}</li>" for k, v in meta.items()
                          if v is not None)
-    images = "".join(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{png}'>"
-                     for title, png in figures.items())
+    images = "".join(_html_figure(title, figure) for title, figure in figures.items())
     return ("<!doctype html><html><head><meta charset='utf-8'><title>kvlab bench report</title><style>"
             "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;"
             "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-            "td:first-child,th:first-child{text-align:left}img{max-width:100%}</style></head><body>"
+            "td:first-child,th:first-child{text-align:left}img{max-width:100%}figure{margin:0}"
+            "figcaption{font-size:90%;color:#444;max-width:800px}</style></head><body>"
             f"<h1>kvlab bench report</h1><ul>{meta_items}</ul>{tables}{images}</body></html>\n")
+
+
+def _html_figure(title: str, figure: str | tuple[str, str]) -> str:
+    png, caption = figure if isinstance(figure, tuple) else (figure, "")
+    caption_html = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+    return (f"<h2>{html.escape(title)}</h2><figure><img alt='{html.escape(title)}' "
+            f"src='data:image/png;base64,{png}'>{caption_html}</figure>")
+
+
+def _html_block(markdown: str) -> str:
+    """One markdown block: a ``#`` heading, a table (lines starting with ``|``) or a paragraph."""
+    text = markdown.strip()
+    if text.startswith("#"):
+        return f"<h2>{html.escape(text.lstrip('#').strip())}</h2>"
+    return _html_table(text) if text.startswith("|") else f"<p>{html.escape(text)}</p>"
 
 
 def _html_table(markdown: str) -> str:

@@ -1,4 +1,5 @@
-"""Aggregate result rows into summary rows (policy x ratio x task x length) and render the markdown tables."""
+"""Aggregate result rows into summary rows (policy x ratio x task x length), find the memory-budget frontier and
+render the markdown tables."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 from collections import defaultdict
 
 ALL = "all"
+BUDGETS = (1.0, 0.5, 0.25, 0.125, 0.0625)  # memory budgets, as fractions of the full cache's bytes at fp16
 MEANS = ("kl_vs_full", "kv_bytes_kept", "kv_bytes_full", "kv_bytes_full_fp16", "kept_tokens", "compress_s",
          "decode_s", "prefill_s")
 
@@ -112,3 +114,82 @@ def turn_table(turns: list[dict]) -> list[str]:
             f"{by_turn[n]['score']:.2f} ± {by_turn[n]['stderr']:.2f}" if n in by_turn else "-"
             for n in range(1, count + 1)) + " |")
     return lines
+
+
+def memory_fraction(row: dict) -> float | None:
+    """KV bytes held over the full cache's bytes at fp16: ``kv_bytes_kept / kv_bytes_full_fp16``, both per-sample
+    means, so it is ``1 / compression``. It can exceed 1 (an fp32 cache on CPU holds 2). None when either is
+    missing or the fp16 size is 0."""
+    kept, full_fp16 = row.get("kv_bytes_kept"), row.get("kv_bytes_full_fp16")
+    return kept / full_fp16 if kept is not None and full_fp16 else None
+
+
+def frontier(summary: list[dict]) -> list[dict]:
+    """The overall cells (``task="all"``, ``length=0``) with ``memory_fraction`` and ``pareto`` added, smallest
+    memory first. A cell is Pareto-optimal when no other cell has a memory fraction <= and a score >= with at
+    least one strict; two identical cells are therefore both marked. A cell without a fraction is never marked."""
+    cells = [{**row, "memory_fraction": memory_fraction(row)} for row in overall(summary)]
+    placed = [cell for cell in cells if cell["memory_fraction"] is not None]
+    for cell in cells:
+        cell["pareto"] = cell["memory_fraction"] is not None and not any(_dominates(other, cell) for other in placed)
+    return sorted(cells, key=lambda cell: (cell["memory_fraction"] is None, cell["memory_fraction"] or 0.0,
+                                           -cell["score"], cell_label(cell)))
+
+
+def _dominates(a: dict, b: dict) -> bool:
+    """Whether cell ``a`` holds no more memory than ``b``, scores no less, and is strictly better in one."""
+    no_worse = a["memory_fraction"] <= b["memory_fraction"] and a["score"] >= b["score"]
+    return no_worse and (a["memory_fraction"] < b["memory_fraction"] or a["score"] > b["score"])
+
+
+def best_per_budget(summary: list[dict], budgets: tuple[float, ...] = BUDGETS) -> list[dict]:
+    """For each budget (a fraction of the full cache's bytes at fp16) the highest-scoring overall cell whose memory
+    fraction is <= the budget, smaller memory first on equal scores: ``{"budget": b, "best": cell or None}``.
+    ``best`` holds the cell's policy, ratio, quantization, label, score, stderr, n, memory_fraction, compression
+    (``1 / memory_fraction``) and ``share_of_full``: its score over the score of ``full`` without quantization
+    (None when that cell is absent or scored 0)."""
+    cells = [cell for cell in frontier(summary) if cell["memory_fraction"] is not None]
+    reference = next((cell["score"] for cell in cells if cell["policy"] == "full" and not cell["quantization"]), None)
+    entries = []
+    for budget in budgets:
+        fitting = [cell for cell in cells if cell["memory_fraction"] <= budget]
+        best = min(fitting, key=lambda cell: (-cell["score"], cell["memory_fraction"], cell_label(cell)), default=None)
+        entries.append({"budget": budget, "best": None if best is None else _budget_entry(best, reference)})
+    return entries
+
+
+def _budget_entry(cell: dict, full_score: float | None) -> dict:
+    fraction = cell["memory_fraction"]
+    return {"policy": cell["policy"], "ratio": cell["ratio"], "quantization": cell["quantization"],
+            "label": cell_label(cell), "score": cell["score"], "stderr": cell["stderr"], "n": cell["n"],
+            "memory_fraction": fraction, "compression": 1 / fraction if fraction else None,
+            "share_of_full": cell["score"] / full_score if full_score else None}
+
+
+def fraction_label(fraction: float) -> str:
+    """``1``, ``2``, ``1/2``, ``1/16`` for powers of two; three significant digits otherwise."""
+    exponent = math.log2(fraction) if fraction > 0 else math.nan
+    if not exponent.is_integer():
+        return f"{fraction:.3g}"
+    return str(2 ** int(exponent)) if exponent >= 0 else f"1/{2 ** -int(exponent)}"
+
+
+def budget_table(summary: list[dict], budgets: tuple[float, ...] = BUDGETS) -> str:
+    """The "Best cell per memory budget" section (heading, definition, table); empty with fewer than two cells."""
+    if sum(memory_fraction(row) is not None for row in overall(summary)) < 2:
+        return ""
+    lines = ["### Best cell per memory budget", "",
+             "Memory = KV bytes held / the full cache's bytes at fp16 (per-sample means); best = highest mean score "
+             "among the cells within the budget, the smaller memory on equal scores; share of full = score / score "
+             "of the full cache without quantization.", "",
+             "| budget (of fp16 full) | best cell | score | n | memory held | compression vs fp16 | share of full |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for entry in best_per_budget(summary, budgets):
+        budget, best = f"≤ {fraction_label(entry['budget'])} ({1 / entry['budget']:g}x)", entry["best"]
+        if best is None:
+            lines.append(f"| {budget} | nothing fits | - | - | - | - | - |")
+            continue
+        share = "-" if best["share_of_full"] is None else f"{best['share_of_full']:.0%}"
+        lines.append(f"| {budget} | {best['label']} | {best['score']:.3f} ± {best['stderr']:.3f} | {best['n']} "
+                     f"| {best['memory_fraction']:.3f} | {_number(best['compression'], 2)}x | {share} |")
+    return "\n".join(lines)

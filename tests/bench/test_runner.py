@@ -103,7 +103,7 @@ def test_report_files(engine, tmp_path):
         ("full", 0.0), ("streaming_llm", 0.5), ("streaming_llm", 0.8), ("snapkv", 0.5), ("snapkv", 0.8)}
     assert all(row["n"] == 3 for row in overall)
     html = paths["html"].read_text()
-    assert html.count("data:image/png;base64,") == 3
+    assert html.count("data:image/png;base64,") == 4 and "Budget frontier: score vs memory" in html
     assert "| policy @ ratio | score |" in paths["table"]
 
 
