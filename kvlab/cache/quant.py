@@ -31,6 +31,7 @@ and are not counted, exactly as ``KVCache.allocated_bytes`` does not count them.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -349,3 +350,52 @@ def _join_front(quantized_rows: torch.Tensor, residual: torch.Tensor, quantized:
         from_residual = torch.zeros_like(from_quantized)
     joined = torch.where((slot < quantized[:, None])[..., None], from_quantized, from_residual)
     return joined * (slot < valid[:, None])[..., None]
+
+
+# -- dequantizing into preallocated memory (layers held quantized while decoding, ``cache.quantized``) ------
+def unpack_codes_into(packed: torch.Tensor, bits: int, out: torch.Tensor) -> None:
+    """Write the codes of ``packed`` (H, Q, ceil(D * bits / 8)) uint8 into ``out`` (H, Q, D), converting as it
+    copies: code i of each byte goes to channels i, i + per_byte, ... (the packing of ``pack_codes``)."""
+    if bits == 8:
+        out.copy_(packed)
+        return
+    per_byte, low = 8 // bits, (1 << bits) - 1
+    dim = out.shape[-1]
+    if dim % per_byte:
+        out.copy_(unpack_codes(packed, bits, dim))
+        return
+    lanes = out.view(*out.shape[:-1], dim // per_byte, per_byte)
+    for index in range(per_byte):
+        lanes[..., index].copy_((packed >> (bits * index)) & low if index else packed & low)
+
+
+def scale_per_token_into(rows: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int) -> None:
+    """In place: codes (H, Q, D) in the compute dtype times their per-token, per-channel-group scale, plus zero."""
+    heads, slots, dim = rows.shape
+    if dim % group == 0:
+        grouped = rows.view(heads, slots, dim // group, group)
+        torch.addcmul(zeros.to(rows.dtype)[..., None], grouped, scales.to(rows.dtype)[..., None], out=grouped)
+        return
+    scale = scales.to(rows.dtype).repeat_interleave(group, dim=2)[..., :dim]
+    zero = zeros.to(rows.dtype).repeat_interleave(group, dim=2)[..., :dim]
+    torch.addcmul(zero, rows, scale, out=rows)
+
+
+class ScratchBuffers(threading.local):
+    """Per-thread reusable storage for dequantized keys and values: a fresh multi-megabyte tensor per layer and
+    step would be page-faulted in every time, which costs more than the dequantization itself."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def get(self, slot: int, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        count = shape[0] * shape[1] * shape[2]
+        key = (slot, dtype, device)
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.numel() < count:
+            buffer = torch.empty(count + count // 4, dtype=dtype, device=device)
+            self.buffers[key] = buffer
+        return buffer[:count].view(shape)
+
+
+SCRATCH = ScratchBuffers()  # shared by every quantized layer kind: one pair of buffers per thread

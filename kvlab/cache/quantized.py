@@ -13,18 +13,20 @@ residual. A head-wise (ragged) layer keeps each head's tokens packed to the fron
 file stores them (``cache.quant.QuantizedLayer``); the rows a shorter head does not fill are padding. Building a
 layer from such a file copies no keys or values: the codes are used as they are.
 
-Only full-attention layers are held quantized. A sliding-window layer holds at most ``window - 1`` tokens and
-drops one per step, which would split key groups; it stays in full precision (counted in ``held_bytes`` too).
+This scheme is for full-attention layers. A sliding-window layer holds at most ``window - 1`` tokens and drops one
+per step, which would split key groups; ``quantize_in_memory`` holds it as per-token codes instead
+(``cache.quantized_sliding.QuantizedSlidingLayerCache``). A quantized ``.kv`` file stores sliding layers with this
+module's scheme; ``from_stored`` expands them to full precision (re-encoding them per token would quantize them
+twice).
 """
 
 from __future__ import annotations
-
-import threading
 
 import torch
 
 from kvlab.cache.kvcache import PADDING_POSITION, KVCache, LayerCache
 from kvlab.cache.quant import (
+    SCRATCH,
     QuantizationParams,
     QuantizedKVCache,
     QuantizedLayer,
@@ -32,9 +34,11 @@ from kvlab.cache.quant import (
     quantize_key_block,
     quantize_layer,
     quantize_value_block,
+    scale_per_token_into,
     split_counts,
-    unpack_codes,
+    unpack_codes_into,
 )
+from kvlab.cache.quantized_sliding import QuantizedSlidingLayerCache
 
 CODE_FIELDS = ("key_codes", "key_scales", "key_zeros", "value_codes", "value_scales", "value_zeros")
 
@@ -103,8 +107,8 @@ class QuantizedLayerCache(LayerCache):
     def attention_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized keys and values (kv_heads, slots, head_dim) in the compute dtype, written into this thread's
         scratch buffers: valid until the next layer asks (attention uses them at once; ``dense`` copies)."""
-        return self._dequantize(_SCRATCH.get(0, self._shape, self.dtype, self.code_positions.device),
-                                _SCRATCH.get(1, self._shape, self.dtype, self.code_positions.device))
+        return self._dequantize(SCRATCH.get(0, self._shape, self.dtype, self.code_positions.device),
+                                SCRATCH.get(1, self._shape, self.dtype, self.code_positions.device))
 
     @property
     def _shape(self) -> tuple[int, int, int]:
@@ -115,13 +119,13 @@ class QuantizedLayerCache(LayerCache):
         code_slots, codes, bits = self.code_slots, self.codes, self.params.bits
         if code_slots:
             key_rows = keys[:, :code_slots]
-            _unpack_into(codes["key_codes"], bits, key_rows)
+            unpack_codes_into(codes["key_codes"], bits, key_rows)
             grouped = key_rows.view(heads, code_slots // group, group, dim)
             torch.addcmul(codes["key_zeros"].to(self.dtype)[:, :, None, :], grouped,
                           codes["key_scales"].to(self.dtype)[:, :, None, :], out=grouped)
             value_rows = values[:, :code_slots]
-            _unpack_into(codes["value_codes"], bits, value_rows)
-            _scale_values(value_rows, codes["value_scales"], codes["value_zeros"], group)
+            unpack_codes_into(codes["value_codes"], bits, value_rows)
+            scale_per_token_into(value_rows, codes["value_scales"], codes["value_zeros"], group)
         keys[:, code_slots:] = self.residual.keys
         values[:, code_slots:] = self.residual.values
         return keys, values
@@ -214,10 +218,18 @@ class QuantizedLayerCache(LayerCache):
         return LayerCache(self.spec, keys, values, self.positions)
 
 
-def quantize_in_memory(cache: KVCache, params: QuantizationParams) -> KVCache:
-    """The cache with every full-attention layer held quantized (sliding layers shared as they are)."""
-    layers = [QuantizedLayerCache.from_layer(layer, params) if layer.spec.kind == "full" and not layer.quantized
-              else layer.fork() for layer in cache.layers]
+def quantize_in_memory(cache: KVCache, params: QuantizationParams, *, sliding: bool = True) -> KVCache:
+    """The cache with every full-attention layer held quantized (KIVI) and, with ``sliding``, every sliding-window
+    layer too (per-token codes, ``QuantizedSlidingLayerCache``); other layers and already quantized ones are
+    shared as they are (forked)."""
+    layers = []
+    for layer in cache.layers:
+        if layer.quantized or (layer.spec.kind == "sliding" and not sliding):
+            layers.append(layer.fork())
+        elif layer.spec.kind == "full":
+            layers.append(QuantizedLayerCache.from_layer(layer, params))
+        else:
+            layers.append(QuantizedSlidingLayerCache.from_layer(layer, params))
     return KVCache(layers=layers, num_tokens=cache.num_tokens)
 
 
@@ -231,60 +243,12 @@ def from_stored(stored: QuantizedKVCache) -> KVCache:
 def quantization_of(cache: KVCache) -> QuantizationParams | None:
     """The parameters a cache's quantized layers were built with (None: nothing is quantized)."""
     for layer in cache.layers:
-        if isinstance(layer, QuantizedLayerCache):
+        if isinstance(layer, QuantizedLayerCache | QuantizedSlidingLayerCache):
             return layer.params
     return None
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------
-def _unpack_into(packed: torch.Tensor, bits: int, out: torch.Tensor) -> None:
-    """Write the codes of ``packed`` (H, Q, ceil(D * bits / 8)) uint8 into ``out`` (H, Q, D), converting as it
-    copies: code i of each byte goes to channels i, i + per_byte, ... (the packing of ``cache.quant``)."""
-    if bits == 8:
-        out.copy_(packed)
-        return
-    per_byte, low = 8 // bits, (1 << bits) - 1
-    dim = out.shape[-1]
-    if dim % per_byte:
-        out.copy_(unpack_codes(packed, bits, dim))
-        return
-    lanes = out.view(*out.shape[:-1], dim // per_byte, per_byte)
-    for index in range(per_byte):
-        lanes[..., index].copy_((packed >> (bits * index)) & low if index else packed & low)
-
-
-def _scale_values(rows: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int) -> None:
-    """In place: codes (H, Q, D) in the compute dtype times their per-token, per-channel-group scale, plus zero."""
-    heads, slots, dim = rows.shape
-    if dim % group == 0:
-        grouped = rows.view(heads, slots, dim // group, group)
-        torch.addcmul(zeros.to(rows.dtype)[..., None], grouped, scales.to(rows.dtype)[..., None], out=grouped)
-        return
-    scale = scales.to(rows.dtype).repeat_interleave(group, dim=2)[..., :dim]
-    zero = zeros.to(rows.dtype).repeat_interleave(group, dim=2)[..., :dim]
-    torch.addcmul(zero, rows, scale, out=rows)
-
-
-class _ScratchBuffers(threading.local):
-    """Per-thread reusable storage for dequantized keys and values: a fresh multi-megabyte tensor per layer and
-    step would be page-faulted in every time, which costs more than the dequantization itself."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
-
-    def get(self, slot: int, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        count = shape[0] * shape[1] * shape[2]
-        key = (slot, dtype, device)
-        buffer = self.buffers.get(key)
-        if buffer is None or buffer.numel() < count:
-            buffer = torch.empty(count + count // 4, dtype=dtype, device=device)
-            self.buffers[key] = buffer
-        return buffer[:count].view(shape)
-
-
-_SCRATCH = _ScratchBuffers()
-
-
 def _front_positions(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """(H, S): each head's real positions packed to the front in slot order, then padding."""
     mask = positions != PADDING_POSITION
