@@ -114,7 +114,8 @@ class Engine:
     def prefill(self, token_ids: torch.Tensor, request: ObservationRequest = ObservationRequest(),
                 progress: bool = False) -> PrefillResult:
         return prefill(self.model, self.layout, token_ids, request=request, chunk_tokens=self.chunk_tokens,
-                       progress=progress)
+                       progress=progress, question_ids=self.question_ids, decode=self.tokenizer.decode,
+                       model_fingerprint=self.loaded.fingerprint)
 
     def compress(self, result: PrefillResult, policy: Policy, *, ratio: float | None = None,
                  budget_tokens: int | None = None,

@@ -22,7 +22,8 @@ def budget_from_ratio(ratio: float, compressible_tokens: int) -> int:
 
 def compress(cache: KVCache, policy: Policy, observations: Observations, *, budget_tokens: int,
              compressible_tokens: int | None = None) -> tuple[KVCache, float]:
-    """Return (compressed copy of ``cache``, seconds). ``cache`` is left untouched.
+    """Return (compressed copy of ``cache``, seconds). ``cache`` is left untouched. The seconds include the extra
+    passes of the probes ``policy`` requested (KVzip's reconstruction, for example).
 
     ``budget_tokens`` is the mean number of tokens kept per head per full-attention layer among positions below
     ``compressible_tokens`` (default: the whole cache); later positions (a question in query-aware mode) are kept
@@ -55,4 +56,4 @@ def compress(cache: KVCache, policy: Policy, observations: Observations, *, budg
     counts = policy.budget_rule().allocate(ranked, budget_tokens, protected_tokens)
     for index, layer_ranked, layer_counts in zip(full_layers, ranked, counts):
         compressed.layers[index] = select_slots(cache.layers[index], layer_ranked, layer_counts, compressible)
-    return compressed, time.perf_counter() - started
+    return compressed, time.perf_counter() - started + observations.cost_of(policy.observation_request())

@@ -49,13 +49,16 @@ class CompressionRule:
         if self.headroom < 0:
             raise ParameterError(f"headroom must be >= 0 (got {self.headroom})")
 
-    def recorder(self, layout: list[LayerSpec], cache_tokens: int, new_tokens: int) -> ObservationRecorder | None:
+    def recorder(self, layout: list[LayerSpec], cache_tokens: int, new_tokens: int,
+                 fingerprint: str | None = None) -> ObservationRecorder | None:
         """What the ``new_tokens`` fed on top of ``cache_tokens`` must observe for a re-compression (or None)."""
         request = self.policy.observation_request()
-        if not (request.window_tokens or request.attention_sums) or self.policy.name == "full":
+        if request.empty or self.policy.name == "full":
             return None
-        window = ObservationRequest(min(request.window_tokens or new_tokens, new_tokens), request.attention_sums)
-        return ObservationRecorder(window, layout, total_tokens=cache_tokens + new_tokens)
+        window = ObservationRequest(min(request.window_tokens or new_tokens, new_tokens), request.attention_sums,
+                                    request.probes)
+        return ObservationRecorder(window, layout, total_tokens=cache_tokens + new_tokens,
+                                   first_position=cache_tokens, model_fingerprint=fingerprint)
 
     def over_budget(self, cache: KVCache) -> bool:
         if self.policy.name == "full":
@@ -91,12 +94,14 @@ def feed_under_rule(engine: Engine, cache: KVCache, token_ids: torch.Tensor, rul
     conversation rule: the one step ``kvlab chat`` and the server's document sessions share."""
     started = time.perf_counter()
     count = int(token_ids.numel())
-    recorder = None if rule is None else rule.recorder(engine.layout, cache.num_tokens, count)
+    recorder = None if rule is None else rule.recorder(engine.layout, cache.num_tokens, count,
+                                                       engine.loaded.fingerprint)
     logits = engine.feed(cache, token_ids, observer=recorder, check=check, chunk_tokens=chunk_tokens)
     feed_s = time.perf_counter() - started
     if rule is None or not rule.over_budget(cache):
         return FedTokens(cache, logits, feed_s, 0.0, False)
-    observations = recorder.observations if recorder is not None else Observations()
+    # probes finish without a replay here: a turn is scored by what its own queries attended to
+    observations = recorder.finish(None) if recorder is not None else Observations()
     compressed, compress_s = rule.apply(cache, observations, protected_from=cache.num_tokens - count)
     return FedTokens(compressed, logits, feed_s, compress_s, True)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import typing
 from typing import TYPE_CHECKING, Any
 
@@ -65,8 +66,13 @@ def _convert(policy: str, key: str, value: Any, target: type) -> Any:
         raise ParameterError(f"{policy}: {key} must be a {target.__name__} (got {value!r})") from None
 
 
+BUILTIN_POLICY_MODULES = ("adakv", "full", "h2o", "knorm", "kvzip", "pyramidkv", "random", "snapkv", "streaming_llm",
+                          "tova")
+
+
 def _import_builtin_policies() -> None:
-    from kvlab.policies import adakv, full, h2o, knorm, pyramidkv, random, snapkv, streaming_llm, tova  # noqa: F401
+    for module in BUILTIN_POLICY_MODULES:
+        importlib.import_module(f"kvlab.policies.{module}")
 
 
 _import_builtin_policies()

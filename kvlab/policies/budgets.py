@@ -111,3 +111,39 @@ class HeadwiseBudget(BudgetRule):
         winners = winners[contenders[winners] > float("-inf")]
         extra = torch.bincount(winners // scores.shape[1], minlength=heads)
         return floors + extra
+
+
+@dataclass(frozen=True)
+class GlobalBudget(BudgetRule):
+    """One budget for the whole cache (KVzip's non-uniform allocation): every head of every compressed layer keeps
+    its protected slots, and the rest of ``budget_tokens x heads x layers`` goes to the best scores anywhere, so
+    the scores must be comparable across layers (attention probabilities are).
+
+    ``headwise=False`` lets layers differ but gives every head of a layer the same count: a layer is padded to its
+    longest head, so free per-head counts can cost held bytes that the budget does not see.
+    """
+
+    headwise: bool = True
+    name = "global"
+
+    def allocate(self, ranked, budget_tokens, protected_tokens):
+        if not ranked:
+            return []
+        eligible = [_eligible(scores) for scores in ranked]
+        protected = [(scores == float("inf")).sum(dim=-1) for scores in ranked]
+        total = budget_tokens * sum(scores.shape[0] for scores in ranked)
+        spare = total - int(sum(int(count.sum()) for count in protected))
+        competing = torch.cat([scores.masked_fill(~torch.isfinite(scores), float("-inf")).flatten()
+                               for scores in ranked])
+        spare = min(max(spare, 0), int(torch.isfinite(competing).sum()))
+        winners = competing.topk(spare).indices if spare else competing.new_zeros(0, dtype=torch.long)
+        counts, offset = [], 0
+        for scores, kept, limit in zip(ranked, protected, eligible):
+            heads, slots = scores.shape
+            mine = winners[(winners >= offset) & (winners < offset + heads * slots)] - offset
+            won = torch.bincount(mine // slots, minlength=heads) if slots else torch.zeros_like(kept)
+            if not self.headwise:
+                won = torch.full_like(won, int(won.sum()) // heads)
+            counts.append((kept + won).clamp(max=limit))
+            offset += heads * slots
+        return counts

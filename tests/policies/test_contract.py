@@ -15,7 +15,7 @@ from kvlab.engine import Engine
 from kvlab.engine.compress import budget_from_ratio
 from kvlab.policies import list_policies, make_policy
 from kvlab.policies.base import ScoreInputs
-from kvlab.policies.budgets import HeadwiseBudget, KeepAllBudget, PyramidBudget, UniformBudget
+from kvlab.policies.budgets import GlobalBudget, HeadwiseBudget, KeepAllBudget, PyramidBudget, UniformBudget
 
 MODELS = ["tiny_llama", "tiny_gemma3"]
 POLICIES = list_policies()
@@ -150,6 +150,13 @@ def test_budget_at_half_ratio(model_name, policy_name, prefills):
         assert all(a >= b for a, b in zip(per_layer.tolist(), per_layer.tolist()[1:]))  # falls with depth
     elif isinstance(rule, HeadwiseBudget):
         assert (counts.sum(-1) == budget * kv_heads).all()
+    elif isinstance(rule, GlobalBudget):
+        total = budget * kv_heads * len(full_layers)
+        if rule.headwise:
+            assert int(counts.sum()) == total
+        else:
+            assert (counts == counts[:, :1]).all()  # every head of a layer keeps the same count
+            assert total - kv_heads * len(full_layers) <= int(counts.sum()) <= total
     else:
         pytest.fail(f"no budget check for rule {type(rule).__name__}; add one here")
     # sliding layers are never compressed

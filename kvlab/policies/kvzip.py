@@ -1,0 +1,181 @@
+"""kvzip — Kim et al., 2025, "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction"
+(arXiv:2505.23416).
+
+Rule: after prefill, the model is asked to repeat the document ("Repeat the previous context exactly.") and is fed
+the document again, chunk by chunk, on a throwaway fork of its cache. A KV pair's score is the largest attention
+any reconstruction query pays it (max over the chunk's queries and over the query heads sharing its KV head). What
+the model needs to rebuild the whole document is what any later question can need, so the cache is compressed
+before the question is known. Scores are attention probabilities, comparable across heads and layers, so one
+budget is shared by the whole cache (``GlobalBudget``): heads and layers that retrieve keep more. The first
+``sink_tokens`` are kept. The reconstruction costs about one more prefill; it is counted in ``compress_s``.
+
+As in the reference code, each chunk's softmax runs over the sinks, the chunk's own keys in the cache and the
+reconstruction tokens (causal), not the whole document; later chunks' prompts quote the last 8 tokens of the
+previous chunk ("Repeat the part of the previous context exactly, starting with ..."). Deviations: the prompt is
+formatted by kvlab's question rule (the model's chat template, or "Question: ... Answer:" without one); and in a
+conversation, where the turns' tokens are not kept to be replayed, a re-compression scores the cache by the largest
+attention the new turn's own queries paid each pair (softmax over the whole cache). ``headwise=false`` gives every
+head of a layer the same count, so no slot is spent on padding (held bytes count it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvlab.cache.kvcache import PADDING_POSITION
+from kvlab.cache.layout import LayerSpec
+from kvlab.cache.observations import (
+    LayerObservation,
+    ObservationRequest,
+    Observations,
+    Probe,
+    ProbeContext,
+    ProbeState,
+    Replay,
+)
+from kvlab.errors import KvlabError
+from kvlab.policies import register_policy
+from kvlab.policies.base import Policy, ScoreInputs, param
+from kvlab.policies.budgets import GlobalBudget
+
+FIRST_PROMPT = "Repeat the previous context exactly."
+LATER_PROMPT = "Repeat the part of the previous context exactly, starting with"
+QUOTED_TOKENS = 8  # tokens of the previous chunk quoted in a later chunk's prompt (the reference's choice)
+QUERY_BLOCK = 256  # reconstruction queries scored at a time: memory is query_heads x 256 x keys floats
+
+
+@dataclass(frozen=True)
+class Reconstruction(Probe):
+    """Max attention each KV pair receives while the model reconstructs the context (per full layer:
+    (kv_heads, total_tokens) float32, indexed by position)."""
+
+    chunk_tokens: int = 2048
+    sink_tokens: int = 4
+
+    def start(self, context: ProbeContext) -> ProbeState:
+        return _ReconstructionState(self, context)
+
+
+class _ReconstructionState(ProbeState):
+    def __init__(self, probe: Reconstruction, context: ProbeContext) -> None:
+        self.probe = probe
+        self.total_tokens = context.total_tokens
+        self.in_conversation = context.first_position > 0
+        self.scores: dict[int, torch.Tensor] = {}
+        self.scaling: dict[int, float] = {}
+        self.span: tuple[int, int] | None = None  # context positions being reconstructed (during a replay)
+
+    def _layer_scores(self, layer_index: int, spec: LayerSpec, device: torch.device, scaling: float) -> torch.Tensor:
+        if layer_index not in self.scores:
+            self.scores[layer_index] = torch.zeros((spec.kv_heads, self.total_tokens), device=device)
+            self.scaling[layer_index] = float(scaling)
+        return self.scores[layer_index]
+
+    def on_attention(self, layer_index, spec, queries, keys, slot_positions, query_positions, scaling) -> None:
+        if self.span is not None:
+            self._score_reconstruction(layer_index, spec, queries, keys, slot_positions, query_positions, scaling)
+        elif self.in_conversation:
+            self._score_turn(layer_index, spec, queries, keys, slot_positions, query_positions, scaling)
+
+    def _score_reconstruction(self, layer_index, spec, queries, keys, slot_positions, query_positions,
+                              scaling) -> None:
+        assert self.span is not None
+        start, end = self.span
+        scores = self._layer_scores(layer_index, spec, keys.device, scaling)
+        # every head of an uncompressed prefill cache holds the same positions: use head 0's to pick the keys
+        positions = slot_positions[0]
+        replayed = positions >= self.total_tokens
+        chosen = ((positions >= 0) & (positions < self.probe.sink_tokens)) | (
+            (positions >= start) & (positions < end)) | replayed
+        index = chosen.nonzero().squeeze(-1)
+        chosen_positions = positions[index]
+        grouped = keys[:, index].float().repeat_interleave(spec.group_size, dim=0)  # (query_heads, K', d)
+        in_span = (chosen_positions >= start) & (chosen_positions < end)
+        best = torch.zeros((spec.kv_heads, int(in_span.sum())), device=keys.device)
+        for block in range(0, queries.shape[1], QUERY_BLOCK):
+            chunk = queries[:, block:block + QUERY_BLOCK].float()
+            chunk_positions = query_positions[block:block + QUERY_BLOCK]
+            logits = chunk @ grouped.transpose(1, 2) * scaling  # (query_heads, q, K')
+            hidden = (chosen_positions[None, :] > chunk_positions[:, None]) & replayed[index][None, :]
+            probabilities = logits.masked_fill(hidden[None], float("-inf")).softmax(dim=-1)[..., in_span]
+            per_head = probabilities.amax(dim=1).reshape(spec.kv_heads, spec.group_size, -1).amax(dim=1)
+            best = torch.maximum(best, per_head)
+        target = chosen_positions[in_span]
+        scores[:, target] = torch.maximum(scores[:, target], best)
+
+    def _score_turn(self, layer_index, spec, queries, keys, slot_positions, query_positions, scaling) -> None:
+        scores = self._layer_scores(layer_index, spec, keys.device, scaling)
+        grouped = keys.float().repeat_interleave(spec.group_size, dim=0)
+        slots = slot_positions.repeat_interleave(spec.group_size, dim=0)[:, None, :]
+        best = torch.zeros(slot_positions.shape, device=keys.device)  # (kv_heads, K)
+        for block in range(0, queries.shape[1], QUERY_BLOCK):
+            chunk = queries[:, block:block + QUERY_BLOCK].float()
+            chunk_positions = query_positions[block:block + QUERY_BLOCK]
+            visible = (slots <= chunk_positions[None, :, None]) & (slots != PADDING_POSITION)
+            logits = (chunk @ grouped.transpose(1, 2) * scaling).masked_fill(~visible, float("-inf"))
+            per_head = logits.softmax(dim=-1).amax(dim=1).reshape(spec.kv_heads, spec.group_size, -1).amax(dim=1)
+            best = torch.maximum(best, per_head)
+        valid = slot_positions != PADDING_POSITION
+        scores.scatter_reduce_(-1, slot_positions.clamp(min=0), best * valid, reduce="amax")
+
+    def finish(self, observations: Observations, replay: Replay | None) -> None:
+        if replay is not None and not self.in_conversation:
+            self._reconstruct(replay)
+        for layer_index, scores in self.scores.items():
+            observation = observations.layers[layer_index]
+            if observation is None:
+                observation = observations.layers[layer_index] = LayerObservation(scaling=self.scaling[layer_index])
+            observation.extras[self.probe] = scores
+
+    def _reconstruct(self, replay: Replay) -> None:
+        context = replay.context_ids
+        size = self.probe.chunk_tokens
+        for start in range(0, int(context.numel()), size):
+            chunk = context[start:start + size]
+            if start == 0:
+                prompt = replay.question_ids(FIRST_PROMPT)
+            else:
+                quoted = replay.text(context[max(0, start - QUOTED_TOKENS):start])
+                prompt = replay.question_ids(f"{LATER_PROMPT} {quoted}")
+            self.span = (start, start + int(chunk.numel()))
+            try:
+                replay.feed_fork(torch.cat([prompt, chunk]), self.on_attention)
+            finally:
+                self.span = None
+
+
+@register_policy("kvzip")
+@dataclass(frozen=True)
+class KVzip(Policy):
+    paper = ("Kim et al., 2025 — KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction "
+             "(arXiv:2505.23416)")
+    rule = "score = max attention received while the model repeats the context; one budget across heads and layers"
+
+    chunk_tokens: int = param(2048, "context tokens reconstructed per extra pass", unit="tokens", minimum=16)
+    sink_tokens: int = param(4, "first tokens always kept (attention sinks)", unit="tokens", minimum=0)
+    headwise: bool = param(True, "heads of a layer keep different counts (padding counts as held bytes)")
+
+    @property
+    def probe(self) -> Reconstruction:
+        return Reconstruction(self.chunk_tokens, self.sink_tokens)
+
+    def observation_request(self) -> ObservationRequest:
+        return ObservationRequest(probes=(self.probe,))
+
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        observation = inputs.observation
+        scores = None if observation is None else observation.extras.get(self.probe)
+        if scores is None:
+            raise KvlabError("kvzip needs its reconstruction pass; prefill with the policy's observation_request() "
+                             "through an Engine")
+        positions = inputs.positions
+        gathered = scores.gather(-1, positions.clamp(min=0).clamp(max=scores.shape[-1] - 1))
+        return gathered.masked_fill((positions == PADDING_POSITION) | (positions >= scores.shape[-1]), 0.0)
+
+    def protected_sink_tokens(self) -> int:
+        return self.sink_tokens
+
+    def budget_rule(self):
+        return GlobalBudget(headwise=self.headwise)
