@@ -38,7 +38,7 @@ from kvlab.bench.scoring import score
 from kvlab.bench.tasks.base import Sample
 from kvlab.cache.kvcache import KVCache
 from kvlab.cache.observations import ObservationRequest
-from kvlab.cache.quant import SCHEME_BITS, QuantizationParams, quantize_cache
+from kvlab.cache.quant import parse_quantization, quantize_cache
 from kvlab.cache.quantized import quantize_in_memory
 from kvlab.engine import Engine, SamplingConfig, context_kept_tokens, memory_figures
 from kvlab.engine.conversation import CompressionRule, Conversation
@@ -72,9 +72,7 @@ def grid(policy_names: list[str], ratios: list[float], quantizations: Sequence[s
     for ratio in ratios:
         if not 0.0 <= ratio < 1.0:
             raise ParameterError(f"ratios must be in [0, 1): the fraction of context tokens evicted (got {ratio})")
-    for scheme in quantizations:
-        if scheme is not None and scheme not in SCHEME_BITS:
-            raise ParameterError(f"unknown quantization {scheme!r}; use none, {', '.join(SCHEME_BITS)}")
+    quantizations = [None if scheme is None else parse_quantization(scheme).label for scheme in quantizations]
     cells = []
     for name in dict.fromkeys(policy_names):
         policy = make_policy(name)
@@ -189,7 +187,7 @@ def _compressed(engine: Engine, context: _Context, cell: Cell) -> tuple[KVCache,
                                                 compressible_tokens=context.context_tokens)
     if cell.quantization is not None:
         started = time.perf_counter()
-        cache = quantize_in_memory(cache, QuantizationParams(cell.quantization))
+        cache = quantize_in_memory(cache, parse_quantization(cell.quantization))
         compress_s += time.perf_counter() - started
     figures = memory_figures(context.result.cache.held_bytes, cache.held_bytes, cache.kv_bytes_full_fp16)
     return cache, {"budget_tokens": budget, "compress_s": compress_s, **figures,
@@ -266,7 +264,11 @@ def _multi_request(engine, sample, cells, wanted, request, force, outcome):
     with tempfile.TemporaryDirectory(prefix="kvlab-bench-") as folder:
         for cell in _ordered(cells):
             cache, costs = _compressed(engine, context, cell)
-            stored = cache if cell.quantization is None else quantize_cache(cache.dense(), cell.quantization)
+            if cell.quantization is None:
+                stored = cache
+            else:
+                params = parse_quantization(cell.quantization)
+                stored = quantize_cache(cache.dense(), params.scheme, params.group_size, params.residual_tokens)
             path = Path(folder) / "cell.kv"
             meta = meta_for(engine.loaded, stored, text=sample.context, policy=cell.policy, ratio=cell.ratio,
                             budget_tokens=costs["budget_tokens"], query_aware=False,
@@ -299,7 +301,7 @@ def _multi_turn(engine, sample, cells, wanted, request, force, outcome):
     reference_answers: list[list[int]] = []
     for cell in _ordered(cells):
         cache, costs = _compressed(engine, context, cell)
-        kv_quant = None if cell.quantization is None else QuantizationParams(cell.quantization)
+        kv_quant = None if cell.quantization is None else parse_quantization(cell.quantization)
         conversation = Conversation(engine, cache, rule=CompressionRule(cell.policy, costs["budget_tokens"],
                                                                         kv_quant=kv_quant))
         for index, question in enumerate(sample.questions):

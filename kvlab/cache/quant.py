@@ -74,6 +74,29 @@ class QuantizationParams:
     def to_dict(self) -> dict:
         return {"scheme": self.scheme, "group_size": self.group_size, "residual_tokens": self.residual_tokens}
 
+    @property
+    def label(self) -> str:
+        """The short form ``parse_quantization`` reads back: ``int4``, ``int4:g64``, ``int4:r0``, ``int2:g64:r8``."""
+        parts = [self.scheme]
+        if self.group_size != DEFAULT_GROUP_SIZE:
+            parts.append(f"g{self.group_size}")
+        if self.residual_tokens != DEFAULT_RESIDUAL_TOKENS:
+            parts.append(f"r{self.residual_tokens}")
+        return ":".join(parts)
+
+
+def parse_quantization(label: str) -> QuantizationParams:
+    """``SCHEME[:gGROUP][:rRESIDUAL]``, e.g. ``int4``, ``int4:r0`` (no full-precision residual) or ``int2:g64:r8``."""
+    scheme, *options = label.strip().lower().split(":")
+    settings = {"group_size": DEFAULT_GROUP_SIZE, "residual_tokens": DEFAULT_RESIDUAL_TOKENS}
+    for option in options:
+        name = {"g": "group_size", "r": "residual_tokens"}.get(option[:1])
+        if name is None or not option[1:].isdigit():
+            raise ParameterError(f"cannot read quantization {label!r}: write SCHEME[:gGROUP][:rRESIDUAL], "
+                                 f"e.g. int4, int4:r0 or int2:g64:r8")
+        settings[name] = int(option[1:])
+    return QuantizationParams(scheme, **settings)
+
 
 @dataclass
 class QuantizedLayer:

@@ -26,7 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "persisted .kv file; multi-turn: follow-ups in one conversation (default: single)")
     parser.add_argument("--kv-quant", "--quantize", dest="quantize", default=None,
                         help="comma-separated KV quantizations crossed with every policy cell: none,int8,int4,int2 "
-                             "(KIVI; the cache is held quantized while decoding, e.g. snapkv@0.5 + int4)")
+                             "(KIVI; the cache is held quantized while decoding, e.g. snapkv@0.5 + int4); "
+                             "SCHEME:gN sets the group size, SCHEME:rN the full-precision recent tokens "
+                             "(e.g. int4:r0)")
     parser.add_argument("--haystack-dir", default=None, help="folder of .txt files to use as haystack prose")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task generators (default: 0)")
     parser.add_argument("--chunk-tokens", type=int, default=4096, help="prefill chunk size in tokens (default: 4096)")
