@@ -64,6 +64,15 @@ class Cell:
     def is_reference(self) -> bool:
         return self.policy.name == "full" and self.quantization is None
 
+    @property
+    def label(self) -> str:
+        """The policy as the grid names it: its name, then any parameter that differs from the default
+        (``kvzip:headwise=False``), so variants of one policy are separate rows of the report."""
+        defaults = type(self.policy)()
+        changed = [f"{key}={value}" for key, value in self.policy.params().items()
+                   if getattr(defaults, key) != value]
+        return ":".join([self.policy.name, *changed])
+
 
 def grid(policy_names: list[str], ratios: list[float], quantizations: Sequence[str | None] = (None,)) -> list[Cell]:
     """The cells of a sweep: ``full`` once per quantization (ratio 0), every other policy at every ratio."""
@@ -75,11 +84,23 @@ def grid(policy_names: list[str], ratios: list[float], quantizations: Sequence[s
     quantizations = [None if scheme is None else parse_quantization(scheme).label for scheme in quantizations]
     cells = []
     for name in dict.fromkeys(policy_names):
-        policy = make_policy(name)
+        policy = policy_from_spec(name)
         for scheme in quantizations:
             cells.extend([Cell(policy, 0.0, scheme)] if name == "full" else
                          [Cell(policy, ratio, scheme) for ratio in ratios])
     return cells
+
+
+def policy_from_spec(spec: str) -> Policy:
+    """``NAME[:KEY=VALUE...]``, e.g. ``kvzip`` or ``kvzip:headwise=false:chunk_tokens=1024``."""
+    name, *settings = spec.strip().split(":")
+    params = {}
+    for setting in settings:
+        key, equals, value = setting.partition("=")
+        if not equals or not key:
+            raise ParameterError(f"cannot read policy {spec!r}: write NAME[:KEY=VALUE...], e.g. kvzip:headwise=false")
+        params[key.strip()] = value.strip()
+    return make_policy(name, **params)
 
 
 @dataclass
@@ -159,7 +180,7 @@ def run_grid(engine: Engine, samples: list[Sample], cells: list[Cell], results: 
 
 
 def _identity(sample: Sample, question_index: int, cell: Cell, settings: dict) -> dict:
-    return {"sample_id": sample.id, "question_index": question_index, "policy": cell.policy.name,
+    return {"sample_id": sample.id, "question_index": question_index, "policy": cell.label,
             "policy_params": cell.policy.params(), "ratio": cell.ratio, "quantization": cell.quantization,
             "mode": settings["mode"], "query_aware": settings["query_aware"]}
 
@@ -200,7 +221,7 @@ def _row(context: _Context, question_index: int, cell: Cell, prediction: str, co
     return {"sample_id": sample.id, "task": sample.task, "length_tokens": sample.length_tokens, "depth": sample.depth,
             "question_index": question_index, "question": sample.questions[question_index], "answers": list(answers),
             "metric": sample.metric, "prediction": prediction, "score": score(prediction, answers, sample.metric),
-            "policy": cell.policy.name, "policy_params": cell.policy.params(), "ratio": cell.ratio,
+            "policy": cell.label, "policy_params": cell.policy.params(), "ratio": cell.ratio,
             "quantization": cell.quantization, "context_tokens": context.context_tokens,
             "prefill_s": context.result.seconds,
             **costs, **measured}

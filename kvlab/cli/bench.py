@@ -16,7 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="JSONL file of your own cases instead of generated tasks")
     parser.add_argument("--lengths", default=None, help="comma-separated context lengths in tokens (e.g. 1024,2048)")
     parser.add_argument("--samples", type=int, default=None, help="samples per task and length")
-    parser.add_argument("--policies", default=None, help="comma-separated policies (see `kvlab policies`)")
+    parser.add_argument("--policies", default=None,
+                        help="comma-separated policies (see `kvlab policies`); NAME:KEY=VALUE sets a parameter "
+                             "(e.g. kvzip:headwise=false)")
     parser.add_argument("--ratios", default=None, help="comma-separated eviction ratios in [0, 1)")
     parser.add_argument("--query-aware", action=argparse.BooleanOptionalAction, default=None,
                         help="put the question in the prefix before compressing (default: the preset's setting; "

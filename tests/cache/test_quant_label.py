@@ -18,3 +18,4 @@ def test_labels_read_back(label, expected):
 def test_bad_labels_name_the_syntax_or_the_scheme(label):
     with pytest.raises(ParameterError):
         parse_quantization(label)
+
