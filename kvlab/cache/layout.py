@@ -6,7 +6,7 @@ through the same code as a model with only full-attention layers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from kvlab.errors import UnsupportedModelError
@@ -16,13 +16,19 @@ LayerKind = Literal["full", "sliding"]
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """One decoder layer's attention: ``window_tokens`` is the sliding window (None for full attention)."""
+    """One decoder layer's attention: ``window_tokens`` is the sliding window (None for full attention).
+
+    ``rope_theta`` is the base of the layer's rotary embedding when it is standard RoPE over the whole head
+    (HF's rotate-half layout, inverse frequencies theta^(-2i/head_dim)); None for scaled or partial RoPE and for
+    configs that do not say. It describes the rotation, not the memory layout, so it takes no part in equality.
+    """
 
     kind: LayerKind
     kv_heads: int
     query_heads: int
     head_dim: int
     window_tokens: int | None = None
+    rope_theta: float | None = field(default=None, compare=False)
 
     @property
     def group_size(self) -> int:
@@ -50,14 +56,30 @@ def layout_from_config(config) -> list[LayerSpec]:
 
     specs = []
     for layer_type in layer_types[:num_layers]:
+        theta = standard_rope_theta(config, layer_type)
         if layer_type == "full_attention":
-            specs.append(LayerSpec("full", kv_heads, query_heads, head_dim))
+            specs.append(LayerSpec("full", kv_heads, query_heads, head_dim, rope_theta=theta))
         elif layer_type == "sliding_attention":
             if window is None:
                 raise UnsupportedModelError("the config has sliding-attention layers but no sliding_window size")
-            specs.append(LayerSpec("sliding", kv_heads, query_heads, head_dim, window_tokens=int(window)))
+            specs.append(LayerSpec("sliding", kv_heads, query_heads, head_dim, window_tokens=int(window),
+                                   rope_theta=theta))
         else:
             raise UnsupportedModelError(
                 f"layer type {layer_type!r} is not supported; kvlab handles full and sliding-window attention layers"
             )
     return specs
+
+
+def standard_rope_theta(config, layer_type: str) -> float | None:
+    """The RoPE base of ``layer_type`` layers (``config.rope_parameters``, per layer type where the model has
+    several, as Gemma 3's local and global bases), or None unless it is plain RoPE over the whole head."""
+    parameters = getattr(config, "rope_parameters", None)
+    if isinstance(parameters, dict) and isinstance(parameters.get(layer_type), dict):
+        parameters = parameters[layer_type]
+    if not isinstance(parameters, dict) or parameters.get("rope_theta") is None:
+        return None
+    partial = parameters.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
+    if parameters.get("rope_type", "default") != "default" or partial not in (None, 1, 1.0):
+        return None
+    return float(parameters["rope_theta"])
