@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "ask": "prefill a document, compress its KV cache with a policy, answer a question",
     "policies": "list the KV-cache policies, their parameters and papers",
     "models": "list the embedded models and whether their converted weights are cached",
+    "profile": "measure which attention heads retrieve from the context, once per model (duo reads it); --show",
     "haystack": "write a generated long document with a hidden passkey (for trying policies)",
     "compress": "prefill a document once, compress its KV cache and persist it (.kv file, content-addressed store)",
     "chat": "an interactive multi-turn session over a document's compressed cache",
