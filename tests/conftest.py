@@ -7,6 +7,7 @@ import pytest
 
 from kvlab.engine import Engine
 from kvlab.models import load_model
+from kvlab.models.profile import PROFILE_DIR_ENV, save_profile
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +35,23 @@ def llama(tiny_llama):
 def gemma(tiny_gemma3):
     """An engine on the tiny Gemma 3 (sliding and global layers) with small prefill chunks."""
     return Engine(tiny_gemma3, chunk_tokens=64)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def head_profiles(request, tmp_path_factory):
+    """Policies that rank heads (duo) read head profiles from $KVLAB_PROFILE_DIR: the session points it at a
+    temporary folder, never the user's, and measures the tiny models' profiles there (well under a second each)
+    when a collected test uses a tiny model."""
+    import torch
+
+    from kvlab.engine.profile import copy_samples, measure_profile
+
+    folder = tmp_path_factory.mktemp("profiles")
+    used = set().union(*(getattr(item, "fixturenames", ()) for item in request.session.items))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(PROFILE_DIR_ENV, str(folder))
+        for name in ("tiny_llama", "tiny_gemma3"):
+            if name in used:
+                samples = copy_samples(torch.arange(3, 259), samples=2, length_tokens=128, needle_tokens=16)
+                save_profile(measure_profile(request.getfixturevalue(name), samples))
+        yield folder

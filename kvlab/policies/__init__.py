@@ -66,8 +66,8 @@ def _convert(policy: str, key: str, value: Any, target: type) -> Any:
         raise ParameterError(f"{policy}: {key} must be a {target.__name__} (got {value!r})") from None
 
 
-BUILTIN_POLICY_MODULES = ("adakv", "expected_attention", "full", "h2o", "knorm", "kvzip", "pyramidkv", "random",
-                          "snapkv", "streaming_llm", "tova")
+BUILTIN_POLICY_MODULES = ("adakv", "duo", "expected_attention", "full", "h2o", "knorm", "kvzip", "pyramidkv",
+                          "random", "snapkv", "streaming_llm", "tova")
 
 
 def _import_builtin_policies() -> None:
