@@ -19,8 +19,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "changes the model, not the cache (default: fp, the model's own weights)")
 
 
-def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--policy", default="full", help="KV-cache policy; see `kvlab policies` (default: %(default)s)")
+def add_policy_arguments(parser: argparse.ArgumentParser, *, default_help: str | None = None) -> None:
+    """``default_help``: the command has its own default recipe (``--policy`` then defaults to None)."""
+    if default_help is None:
+        parser.add_argument("--policy", default="full",
+                            help="KV-cache policy; see `kvlab policies` (default: %(default)s)")
+    else:
+        parser.add_argument("--policy", default=None, help=f"KV-cache policy; see `kvlab policies` ({default_help})")
     amount = parser.add_mutually_exclusive_group()
     amount.add_argument("--ratio", type=float, default=None,
                         help="fraction of context tokens evicted, in [0, 1) (default 0.5 for any policy but full)")
@@ -30,26 +35,28 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 KV_QUANT_SCHEMES = ("int8", "int4", "int2")  # cache.quant.SCHEME_BITS, listed here so --help imports no torch
+NO_KV_QUANT = "none"
 
 
 def add_kv_quant_argument(parser: argparse.ArgumentParser, *, flag: str = "--kv-quant",
                           aliases: tuple[str, ...] = ()) -> None:
-    parser.add_argument(flag, *aliases, dest="kv_quant", choices=KV_QUANT_SCHEMES, default=None,
+    parser.add_argument(flag, *aliases, dest="kv_quant", choices=(NO_KV_QUANT, *KV_QUANT_SCHEMES), default=None,
                         help="hold the KV cache quantized in memory while decoding (KIVI: keys per channel, values "
                              "per token); default: none")
     parser.add_argument("--kv-group-size", "--group-size", dest="kv_group_size", type=int, default=32,
                         help="tokens per key group and channels per value group (default: %(default)s; 64 holds "
                              "fewer scale bytes)")
-    parser.add_argument("--kv-residual-tokens", "--residual-tokens", dest="kv_residual_tokens", type=int, default=32,
-                        help="most recent tokens kept in full precision (default: %(default)s)")
+    parser.add_argument("--kv-residual-tokens", "--residual-tokens", dest="kv_residual_tokens", type=int, default=None,
+                        help="most recent tokens kept in full precision (default: 32)")
 
 
 def kv_quant_from_args(args: argparse.Namespace):
-    from kvlab.cache.quant import QuantizationParams
+    from kvlab.cache.quant import DEFAULT_RESIDUAL_TOKENS, QuantizationParams
 
-    if args.kv_quant is None:
+    if args.kv_quant in (None, NO_KV_QUANT):
         return None
-    return QuantizationParams(args.kv_quant, args.kv_group_size, args.kv_residual_tokens)
+    residual = DEFAULT_RESIDUAL_TOKENS if args.kv_residual_tokens is None else args.kv_residual_tokens
+    return QuantizationParams(args.kv_quant, args.kv_group_size, residual)
 
 
 def policy_from_args(args: argparse.Namespace):

@@ -19,12 +19,30 @@ from kvlab.cli.common import (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context-file", required=True, help="document to prefill (UTF-8 text; - for stdin)")
     add_model_arguments(parser)
-    add_policy_arguments(parser)
+    add_policy_arguments(parser, default_help="default: the recommended recipe, kvzip at ratio 0.75 held in int4; "
+                                              "--policy full keeps every token")
     add_kv_quant_argument(parser, aliases=("--quantize",))
     parser.add_argument("--out", default=None, help="also copy the cache file here (a .kv file or a folder)")
     parser.add_argument("--chunk-tokens", type=int, default=4096, help="prefill chunk size in tokens (default: 4096)")
     parser.add_argument("--force", action="store_true", help="run even if the document exceeds the model's window")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def apply_default_recipe(args: argparse.Namespace) -> None:
+    """Without --policy, compress with ``store.documents.DEFAULT_RECIPE``; explicit flags override its parts
+    (--ratio/--budget, -p, --kv-quant, --kv-residual-tokens)."""
+    if args.policy is not None:
+        return
+    from kvlab.store.documents import DEFAULT_RECIPE as recipe
+
+    args.policy = recipe.policy
+    args.param = [f"{key}={value}" for key, value in recipe.params] + list(args.param)
+    if args.ratio is None and args.budget is None:
+        args.ratio = recipe.ratio
+    if args.kv_quant is None and recipe.kv_quant is not None:
+        args.kv_quant = recipe.kv_quant.scheme
+        if args.kv_residual_tokens is None:
+            args.kv_residual_tokens = recipe.kv_quant.residual_tokens
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from kvlab.units import format_mib
 
     text = read_text(args.context_file)
+    apply_default_recipe(args)
     policy = policy_from_args(args)
     quantization = kv_quant_from_args(args)
     engine = Engine(load_model(args.model, device=args.device, weights=args.weights, progress=not args.json),
@@ -44,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     path = copy_out(document.path, args.out) if args.out else document.path
     if args.json:
         print(json.dumps({"path": str(path), "key": document.key, "from_store": document.from_store,
+                          "policy": policy.name, "policy_params": policy.params(), "ratio": ratio_from_args(args),
+                          "kv_quant": None if quantization is None else quantization.to_dict(),
                           "context_tokens": document.context_tokens, "kept_tokens": document.kept_tokens,
                           **memory_figures(document.kv_bytes_full, document.kv_bytes_kept,
                                            document.kv_bytes_full_fp16),
@@ -51,8 +72,9 @@ def run(args: argparse.Namespace) -> int:
                           "compress_s": document.compress_s}))
         return 0
     origin = "found in the store (not recomputed)" if document.from_store else (
-        f"prefill {document.prefill_s:.2f} s, compress {document.compress_s * 1000:.0f} ms")
-    print(f"{path}\n[{policy.name}{' ' + args.kv_quant if args.kv_quant else ''}] context {document.context_tokens} "
+        f"prefill {document.prefill_s:.2f} s, compress {document.compress_s:.2f} s")
+    held = f"{policy.describe()}{' + ' + quantization.scheme if quantization else ''}"
+    print(f"{path}\n[{held}] context {document.context_tokens} "
           f"tok | kept {document.kept_tokens:.0f} tok/head | KV held {format_mib(document.kv_bytes_kept)} vs "
           f"{format_mib(document.kv_bytes_full_fp16)} full fp16 "
           f"({compression(document.kv_bytes_full_fp16, document.kv_bytes_kept):.2f}x) | "

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     policy = policy_from_args(args)  # an unknown policy or parameter fails before the model loads
     settings = Settings(model=args.model, device=args.device, weights=args.weights, policy=policy.name,
                         policy_params=policy.params(), ratio=ratio_from_args(args), budget_tokens=args.budget,
-                        kv_quant=args.kv_quant,
+                        kv_quant=None if args.kv_quant in (None, "none") else args.kv_quant,
                         store_root=args.store,
                         max_queue=args.max_queue, request_timeout_s=args.timeout,
                         default_max_tokens=args.max_tokens, session_cache_bytes=parse_size(args.session_cache,

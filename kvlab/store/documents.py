@@ -29,6 +29,27 @@ from kvlab.store.store import CacheStore, key_for
 _KEY_PREFIX = re.compile(r"[0-9a-fA-F]{1,64}")  # what `kvlab cache ls` shows; anything else is a file path
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """A method-and-quantization recipe: a policy with its parameters, an eviction ratio, a KV quantization."""
+
+    policy: str
+    params: tuple[tuple[str, str], ...]
+    ratio: float
+    kv_quant: QuantizationParams | None
+
+    def describe(self) -> str:
+        settings = "".join(f" -p {key}={value}" for key, value in self.params)
+        quant = "none" if self.kv_quant is None else self.kv_quant.scheme
+        residual = "" if self.kv_quant is None else f" --kv-residual-tokens {self.kv_quant.residual_tokens}"
+        return f"--policy {self.policy}{settings} --ratio {self.ratio:g} --kv-quant {quant}{residual}"
+
+
+# What `kvlab compress` does when no --policy is given: the best query-agnostic cell of the frontier measured in
+# benchmarks/results/agnostic_smollm2 (see README.md, "Compressing before the question is known").
+DEFAULT_RECIPE = Recipe("kvzip", (("headwise", "false"),), 0.75, QuantizationParams("int4", residual_tokens=0))
+
+
 @dataclass
 class CompressedDocument:
     """Where a compressed document lives and what it cost. Bytes are KV bytes unless named ``file_bytes``."""

@@ -203,8 +203,11 @@ def _require_list(value, name: str) -> list:
 
 def _layer_spec(item) -> LayerSpec:
     keys = {f.name for f in dataclasses.fields(LayerSpec)}
-    if not isinstance(item, dict) or set(item) != keys:
+    optional = {"rope_theta"}  # added later: files written before it have no such key (None: not standard RoPE)
+    if not isinstance(item, dict) or not keys - optional <= set(item) <= keys:
         raise ParameterError(f"each layout entry must have exactly the keys {sorted(keys)}")
+    if item.get("rope_theta") is not None and not isinstance(item["rope_theta"], (int, float)):
+        raise ParameterError("layout rope_theta must be a number or null")
     for name in ("kv_heads", "query_heads", "head_dim"):
         _check_int(item[name], f"layout {name}", 1)
     if item["kind"] == "full" and item["window_tokens"] is None:

@@ -250,3 +250,20 @@ def test_a_store_that_cannot_be_written(document, tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("KVLAB_CACHE_DIR", str(tmp_path / "a-file"))
     one_line_error(capsys, ["compress", "--context-file", document, "--model", "tiny-llama", "--json"],
                    "cannot write to the cache store")
+
+
+def test_compress_without_a_policy_uses_the_recommended_recipe(document, capsys):
+    from kvlab.store.documents import DEFAULT_RECIPE
+
+    made = run_json(capsys, "compress", "--model", "tiny-llama", "--context-file", document, "--json")
+    assert made["policy"] == DEFAULT_RECIPE.policy and made["ratio"] == DEFAULT_RECIPE.ratio
+    assert made["kv_quant"]["scheme"] == DEFAULT_RECIPE.kv_quant.scheme
+    assert made["kv_quant"]["residual_tokens"] == DEFAULT_RECIPE.kv_quant.residual_tokens
+    assert made["compression"] > 4
+    # each part can be overridden; --kv-quant none and --policy full give the plain cache
+    plain = run_json(capsys, "compress", "--model", "tiny-llama", "--context-file", document, "--json",
+                     "--policy", "full", "--kv-quant", "none")
+    assert plain["policy"] == "full" and plain["kv_quant"] is None and plain["compression"] < 1.01
+    mine = run_json(capsys, "compress", "--model", "tiny-llama", "--context-file", document, "--json",
+                    "--ratio", "0.5", "--kv-quant", "int8")
+    assert mine["policy"] == DEFAULT_RECIPE.policy and mine["ratio"] == 0.5 and mine["kv_quant"]["scheme"] == "int8"

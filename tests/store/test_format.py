@@ -162,3 +162,18 @@ def test_meta_validates_every_field(llama_snapkv, field, value):
 def test_meta_json_round_trip(llama_snapkv):
     meta = llama_snapkv.meta(note="kept", numbers=[1, 2])
     assert CacheMeta.from_json(meta.to_json()) == meta
+
+
+def test_files_written_before_layouts_carried_rope_theta_still_load(llama_snapkv):
+    import dataclasses
+
+    from kvlab.store.meta import CacheMeta
+
+    data = dataclasses.asdict(llama_snapkv.meta())
+    data["layout"] = list(data["layout"])
+    for entry in data["layout"]:
+        assert entry.pop("rope_theta") is not None  # tiny Llama uses standard RoPE
+    data["quantization"] = None
+    meta = CacheMeta.from_dict(data)
+    assert all(spec.rope_theta is None for spec in meta.layout)
+    assert list(meta.layout) == list(llama_snapkv.engine.layout)  # the base takes no part in the layout check
