@@ -147,3 +147,30 @@ class GlobalBudget(BudgetRule):
             counts.append((kept + won).clamp(max=limit))
             offset += heads * slots
         return counts
+
+
+@dataclass(frozen=True)
+class WholeHeadBudget(BudgetRule):
+    """DuoAttention's split with a fixed share: the ``round(share x heads)`` heads (``granularity="layer"``: the
+    ``round(share x layers)`` layers) with the best competing score keep every eligible slot, the others only their
+    protected ones; ``budget_tokens`` does not enter. Rank heads through their scores (duo puts each head's profile
+    rank in every slot's score)."""
+
+    share: float
+    granularity: str = "head"
+    name = "whole-head"
+
+    def allocate(self, ranked, budget_tokens, protected_tokens):
+        protected = [(scores == float("inf")).sum(dim=-1) for scores in ranked]
+        best = [scores.masked_fill(~torch.isfinite(scores), float("-inf")).amax(dim=-1) for scores in ranked]
+        if self.granularity == "layer":
+            order = torch.stack([layer.max() for layer in best]).argsort(descending=True, stable=True)
+            chosen_layers = set(order[:round(self.share * len(best))].tolist())
+            chosen = [torch.full_like(layer, index in chosen_layers, dtype=torch.bool)
+                      for index, layer in enumerate(best)]
+        else:
+            flat = torch.cat(best)
+            picked = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+            picked[flat.argsort(descending=True, stable=True)[:round(self.share * flat.numel())]] = True
+            chosen = list(picked.split([layer.numel() for layer in best]))
+        return [torch.where(keep, _eligible(scores), kept) for keep, scores, kept in zip(chosen, ranked, protected)]

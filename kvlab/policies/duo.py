@@ -41,7 +41,7 @@ from kvlab.errors import KvlabError, ParameterError
 from kvlab.models.profile import HeadProfile, ProfileError, load_profile
 from kvlab.policies import register_policy
 from kvlab.policies.base import Policy, ScoreInputs, param
-from kvlab.policies.budgets import BudgetRule, GlobalBudget
+from kvlab.policies.budgets import BudgetRule, GlobalBudget, WholeHeadBudget
 
 
 @dataclass(frozen=True)
@@ -89,31 +89,6 @@ class _HeadRankState(ProbeState):
             observation.extras[self.probe] = (ranks.reshape(scores.shape)[row], self.stride)
 
 
-@dataclass(frozen=True)
-class RetrievalShareBudget(BudgetRule):
-    """The best ``round(share x heads)`` heads (or layers) keep every eligible slot, the others only their
-    protected ones. Heads are ordered by their best competing score, which duo's scores make their rank."""
-
-    share: float
-    granularity: str = "head"
-    name = "retrieval-share"
-
-    def allocate(self, ranked, budget_tokens, protected_tokens):
-        eligible = [torch.isfinite(s).sum(dim=-1) + (s == float("inf")).sum(dim=-1) for s in ranked]
-        protected = [(s == float("inf")).sum(dim=-1) for s in ranked]
-        keys = [s.masked_fill(~torch.isfinite(s), float("-inf")).amax(dim=-1) for s in ranked]  # (kv_heads,)
-        if self.granularity == "layer":
-            layer_keys = torch.stack([k.max() for k in keys])
-            best = set(layer_keys.argsort(descending=True, stable=True)[:round(self.share * len(keys))].tolist())
-            retrieval = [torch.full_like(k, index in best, dtype=torch.bool) for index, k in enumerate(keys)]
-        else:
-            flat = torch.cat(keys)
-            chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-            chosen[flat.argsort(descending=True, stable=True)[:round(self.share * flat.numel())]] = True
-            retrieval = list(chosen.split([k.numel() for k in keys]))
-        return [torch.where(keep, every, kept) for keep, every, kept in zip(retrieval, eligible, protected)]
-
-
 @register_policy("duo")
 @dataclass(frozen=True)
 class Duo(Policy):
@@ -159,5 +134,5 @@ class Duo(Policy):
 
     def budget_rule(self) -> BudgetRule:
         if self.retrieval_share >= 0:
-            return RetrievalShareBudget(self.retrieval_share, self.granularity)
+            return WholeHeadBudget(self.retrieval_share, self.granularity)
         return GlobalBudget(headwise=self.granularity == "head")

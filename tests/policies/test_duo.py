@@ -12,8 +12,7 @@ from kvlab.engine.conversation import CompressionRule, Conversation
 from kvlab.errors import ParameterError
 from kvlab.models.profile import PROFILE_DIR_ENV, MissingProfileError, load_profile
 from kvlab.policies import make_policy
-from kvlab.policies.budgets import GlobalBudget
-from kvlab.policies.duo import RetrievalShareBudget
+from kvlab.policies.budgets import GlobalBudget, WholeHeadBudget
 
 CONTEXT_TOKENS = 162
 SINKS, RECENT = 4, 8
@@ -85,7 +84,7 @@ def test_retrieval_share_sets_the_heads_directly(engine, ids, tiny_llama):
         assert kept[head] == list(range(CONTEXT_TOKENS))
     for head in ranking[3:]:
         assert kept[head] == streaming(CONTEXT_TOKENS)
-    assert make_policy("duo", retrieval_share=0.5).budget_rule() == RetrievalShareBudget(0.5)
+    assert make_policy("duo", retrieval_share=0.5).budget_rule() == WholeHeadBudget(0.5)
     assert make_policy("duo").budget_rule() == GlobalBudget(headwise=True)
 
 
