@@ -81,28 +81,30 @@ class _ReconstructionState(ProbeState):
 
     def _score_reconstruction(self, layer_index, spec, queries, keys, slot_positions, query_positions,
                               scaling) -> None:
+        """Chunk-local softmax over [sinks, the span's keys, the replayed tokens (causal)]; the span's columns are
+        kept. The normalizer is split: the context part from the explicit logits, the replayed part from a fused
+        attention kernel's log-sum-exp where one is available, so no (queries x keys) mask is ever built."""
         assert self.span is not None
         start, end = self.span
         scores = self._layer_scores(layer_index, spec, keys.device, scaling)
         # every head of an uncompressed prefill cache holds the same positions: use head 0's to pick the keys
         positions = slot_positions[0]
-        replayed = positions >= self.total_tokens
-        chosen = ((positions >= 0) & (positions < self.probe.sink_tokens)) | (
-            (positions >= start) & (positions < end)) | replayed
-        index = chosen.nonzero().squeeze(-1)
-        chosen_positions = positions[index]
-        grouped = keys[:, index].float().repeat_interleave(spec.group_size, dim=0)  # (query_heads, K', d)
-        in_span = (chosen_positions >= start) & (chosen_positions < end)
-        best = torch.zeros((spec.kv_heads, int(in_span.sum())), device=keys.device)
+        span = ((positions >= start) & (positions < end)).nonzero().squeeze(-1)
+        sinks = ((positions >= 0) & (positions < min(self.probe.sink_tokens, start))).nonzero().squeeze(-1)
+        replayed = (positions >= self.total_tokens).nonzero().squeeze(-1)
+        context_keys = keys[:, torch.cat([sinks, span])].float().repeat_interleave(spec.group_size, dim=0)
+        replay_lse = _replay_log_normalizer(queries.float(), keys[:, replayed].float(), positions[replayed],
+                                            query_positions, spec.group_size, scaling)
+        first = int(sinks.numel())
+        best = torch.zeros((spec.kv_heads, int(span.numel())), device=keys.device)
         for block in range(0, queries.shape[1], QUERY_BLOCK):
             chunk = queries[:, block:block + QUERY_BLOCK].float()
-            chunk_positions = query_positions[block:block + QUERY_BLOCK]
-            logits = chunk @ grouped.transpose(1, 2) * scaling  # (query_heads, q, K')
-            hidden = (chosen_positions[None, :] > chunk_positions[:, None]) & replayed[index][None, :]
-            probabilities = logits.masked_fill(hidden[None], float("-inf")).softmax(dim=-1)[..., in_span]
+            logits = chunk @ context_keys.transpose(1, 2) * scaling  # (query_heads, q, sinks + span)
+            lse = torch.logaddexp(torch.logsumexp(logits, dim=-1), replay_lse[:, block:block + QUERY_BLOCK])
+            probabilities = (logits[..., first:] - lse[..., None]).exp_()
             per_head = probabilities.amax(dim=1).reshape(spec.kv_heads, spec.group_size, -1).amax(dim=1)
             best = torch.maximum(best, per_head)
-        target = chosen_positions[in_span]
+        target = positions[span]
         scores[:, target] = torch.maximum(scores[:, target], best)
 
     def _score_turn(self, layer_index, spec, queries, keys, slot_positions, query_positions, scaling) -> None:
@@ -144,6 +146,25 @@ class _ReconstructionState(ProbeState):
                 replay.feed_fork(torch.cat([prompt, chunk]), self.on_attention)
             finally:
                 self.span = None
+
+
+def _replay_log_normalizer(queries: torch.Tensor, keys: torch.Tensor, key_positions: torch.Tensor,
+                           query_positions: torch.Tensor, group: int, scaling: float) -> torch.Tensor:
+    """(query_heads, q): log of the softmax mass each replayed query gives the replayed keys it can see (causal).
+
+    When the queries are exactly the replayed keys (one forward pass), the CPU flash kernel returns it as its
+    log-sum-exp; otherwise (several passes, or no such kernel) it is computed block by block with a mask."""
+    grouped = keys.repeat_interleave(group, dim=0)  # (query_heads, R, d)
+    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    aligned = key_positions.numel() == query_positions.numel() and bool((key_positions == query_positions).all())
+    if flash is not None and aligned and queries.device.type == "cpu":
+        return flash(queries[None], grouped[None], grouped[None], 0.0, True, scale=scaling)[1][0]
+    parts = []
+    for block in range(0, queries.shape[1], QUERY_BLOCK):
+        logits = queries[:, block:block + QUERY_BLOCK] @ grouped.transpose(1, 2) * scaling
+        hidden = key_positions[None, :] > query_positions[block:block + QUERY_BLOCK, None]
+        parts.append(torch.logsumexp(logits.masked_fill(hidden[None], float("-inf")), dim=-1))
+    return torch.cat(parts, dim=1)
 
 
 @register_policy("kvzip")

@@ -25,11 +25,12 @@ def eager_attentions(model, ids):
 
 
 @pytest.mark.parametrize("model_name", MODELS)
-def test_scores_match_eager_attention_of_the_reconstruction(model_name, request):
+@pytest.mark.parametrize("feed_chunk", [64, 4096])  # the replay fed in several passes, or in one (fused kernel)
+def test_scores_match_eager_attention_of_the_reconstruction(model_name, feed_chunk, request):
     """One chunk: the chunk-local softmax covers every key, so the score of context position p in layer l, head h
     is the max over reconstruction queries and over h's query heads of eager attention to p."""
     loaded = request.getfixturevalue(model_name)
-    engine = Engine(loaded, chunk_tokens=64)
+    engine = Engine(loaded, chunk_tokens=feed_chunk)
     ids = torch.randint(3, 259, (90,), generator=torch.Generator().manual_seed(3))
     policy = make_policy("kvzip", chunk_tokens=512)
     result = engine.prefill(ids, policy.observation_request())
