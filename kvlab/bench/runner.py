@@ -67,7 +67,7 @@ class Cell:
     @property
     def label(self) -> str:
         """The policy as the grid names it: its name, then any parameter that differs from the default
-        (``kvzip:headwise=False``), so variants of one policy are separate rows of the report."""
+        (``kvzip:heads=shared``), so variants of one policy are separate rows of the report."""
         defaults = type(self.policy)()
         changed = [f"{key}={value}" for key, value in self.policy.params().items()
                    if getattr(defaults, key) != value]
@@ -92,13 +92,13 @@ def grid(policy_names: list[str], ratios: list[float], quantizations: Sequence[s
 
 
 def policy_from_spec(spec: str) -> Policy:
-    """``NAME[:KEY=VALUE...]``, e.g. ``kvzip`` or ``kvzip:headwise=false:chunk_tokens=1024``."""
+    """``NAME[:KEY=VALUE...]``, e.g. ``kvzip`` or ``kvzip:heads=free:chunk_tokens=1024``."""
     name, *settings = spec.strip().split(":")
     params = {}
     for setting in settings:
         key, equals, value = setting.partition("=")
         if not equals or not key:
-            raise ParameterError(f"cannot read policy {spec!r}: write NAME[:KEY=VALUE...], e.g. kvzip:headwise=false")
+            raise ParameterError(f"cannot read policy {spec!r}: write NAME[:KEY=VALUE...], e.g. kvzip:heads=shared")
         params[key.strip()] = value.strip()
     return make_policy(name, **params)
 

@@ -116,37 +116,71 @@ class HeadwiseBudget(BudgetRule):
 @dataclass(frozen=True)
 class GlobalBudget(BudgetRule):
     """One budget for the whole cache (KVzip's non-uniform allocation): every head of every compressed layer keeps
-    its protected slots, and the rest of ``budget_tokens x heads x layers`` goes to the best scores anywhere, so
-    the scores must be comparable across layers (attention probabilities are).
+    its protected slots, and the rest goes to the best scores anywhere, so the scores must be comparable across
+    layers (attention probabilities are). ``heads`` says how a layer's heads share what it wins:
 
-    ``headwise=False`` lets layers differ but gives every head of a layer the same count: a layer is padded to its
-    longest head, so free per-head counts can cost held bytes that the budget does not see.
+    - ``"padded"`` (default): the budget counts held slots, ``budget_tokens x heads x layers`` of them. A layer is
+      held padded to its longest head, so every head of the layer keeps that many of its best slots (the padding
+      a free split would waste holds real tokens); the global cut-off is the lowest at which the held slots fit.
+    - ``"free"``: each head keeps exactly what it won (the reference code's rule); the budget counts kept tokens,
+      and the padding up to a layer's longest head is held on top.
+    - ``"shared"``: every head of a layer keeps the layer's mean share of what it won.
     """
 
-    headwise: bool = True
+    heads: str = "padded"
     name = "global"
 
     def allocate(self, ranked, budget_tokens, protected_tokens):
         if not ranked:
             return []
-        eligible = [_eligible(scores) for scores in ranked]
-        protected = [(scores == float("inf")).sum(dim=-1) for scores in ranked]
-        total = budget_tokens * sum(scores.shape[0] for scores in ranked)
-        spare = total - int(sum(int(count.sum()) for count in protected))
+        if self.heads not in ("padded", "free", "shared"):
+            raise ValueError(f"heads must be padded, free or shared (got {self.heads!r})")
+        eligible = torch.cat([_eligible(scores) for scores in ranked])
+        protected = torch.cat([(scores == float("inf")).sum(dim=-1) for scores in ranked])
+        layer_of_head = torch.cat([torch.full((scores.shape[0],), index) for index, scores in enumerate(ranked)])
+        head_of_slot = torch.cat([first + torch.arange(scores.shape[0]).repeat_interleave(scores.shape[1])
+                                  for first, scores in zip(_firsts(ranked), ranked)])
         competing = torch.cat([scores.masked_fill(~torch.isfinite(scores), float("-inf")).flatten()
                                for scores in ranked])
-        spare = min(max(spare, 0), int(torch.isfinite(competing).sum()))
-        winners = competing.topk(spare).indices if spare else competing.new_zeros(0, dtype=torch.long)
-        counts, offset = [], 0
-        for scores, kept, limit in zip(ranked, protected, eligible):
-            heads, slots = scores.shape
-            mine = winners[(winners >= offset) & (winners < offset + heads * slots)] - offset
-            won = torch.bincount(mine // slots, minlength=heads) if slots else torch.zeros_like(kept)
-            if not self.headwise:
-                won = torch.full_like(won, int(won.sum()) // heads)
-            counts.append((kept + won).clamp(max=limit))
-            offset += heads * slots
-        return counts
+        finite = int(torch.isfinite(competing).sum())
+        order = competing.topk(finite).indices  # best first
+        total = budget_tokens * len(eligible)
+
+        def counts(winners: int) -> torch.Tensor:
+            won = torch.bincount(head_of_slot[order[:winners]], minlength=len(eligible))
+            return (protected + won).clamp(max=eligible)
+
+        if self.heads == "padded":
+            def held(winners: int) -> int:
+                widest = torch.zeros(len(ranked), dtype=torch.long).scatter_reduce(
+                    0, layer_of_head, counts(winners), reduce="amax")
+                return int((widest[layer_of_head]).sum())
+
+            low, high = 0, finite  # the most winners whose padded layers fit the budget
+            while low < high:
+                middle = (low + high + 1) // 2
+                low, high = (middle, high) if held(middle) <= total else (low, middle - 1)
+            widest = torch.zeros(len(ranked), dtype=torch.long).scatter_reduce(0, layer_of_head, counts(low),
+                                                                             reduce="amax")
+            result = torch.minimum(widest[layer_of_head], eligible)
+        else:
+            spare = min(max(total - int(protected.sum()), 0), finite)
+            result = counts(spare)
+            if self.heads == "shared":
+                won = (result - protected).float()
+                means = torch.zeros(len(ranked)).scatter_reduce(0, layer_of_head, won, reduce="mean",
+                                                                include_self=False)
+                result = (protected + means[layer_of_head].floor().long()).clamp(max=eligible)
+        return list(result.split([scores.shape[0] for scores in ranked]))
+
+
+def _firsts(ranked: list[torch.Tensor]) -> list[int]:
+    """The index of each layer's first head among all heads."""
+    firsts, head = [], 0
+    for scores in ranked:
+        firsts.append(head)
+        head += scores.shape[0]
+    return firsts
 
 
 @dataclass(frozen=True)

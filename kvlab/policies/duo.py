@@ -135,4 +135,4 @@ class Duo(Policy):
     def budget_rule(self) -> BudgetRule:
         if self.retrieval_share >= 0:
             return WholeHeadBudget(self.retrieval_share, self.granularity)
-        return GlobalBudget(headwise=self.granularity == "head")
+        return GlobalBudget(heads="free" if self.granularity == "head" else "shared")

@@ -14,8 +14,10 @@ reconstruction tokens (causal), not the whole document; later chunks' prompts qu
 previous chunk ("Repeat the part of the previous context exactly, starting with ..."). Deviations: the prompt is
 formatted by kvlab's question rule (the model's chat template, or "Question: ... Answer:" without one); and in a
 conversation, where the turns' tokens are not kept to be replayed, a re-compression scores the cache by the largest
-attention the new turn's own queries paid each pair (softmax over the whole cache). ``headwise=false`` gives every
-head of a layer the same count, so no slot is spent on padding (held bytes count it).
+attention the new turn's own queries paid each pair (softmax over the whole cache). A layer is held padded to its
+longest head, so by default (``heads=padded``) the budget counts held slots and the shorter heads of a layer fill
+that padding with their next-best pairs; ``heads=free`` is the reference's split (padding held on top of the
+budget), ``heads=shared`` equal counts within a layer.
 """
 
 from __future__ import annotations
@@ -176,7 +178,9 @@ class KVzip(Policy):
 
     chunk_tokens: int = param(2048, "context tokens reconstructed per extra pass", unit="tokens", minimum=16)
     sink_tokens: int = param(4, "first tokens always kept (attention sinks)", unit="tokens", minimum=0)
-    headwise: bool = param(True, "heads of a layer keep different counts (padding counts as held bytes)")
+    heads: str = param("padded", "how a layer's heads share the budget: padded (held slots are the budget, shorter "
+                                 "heads fill the layer's padding), free (the reference's split; padding held on top) "
+                                 "or shared (equal counts in a layer)", choices=("padded", "free", "shared"))
 
     @property
     def probe(self) -> Reconstruction:
@@ -199,4 +203,4 @@ class KVzip(Policy):
         return self.sink_tokens
 
     def budget_rule(self):
-        return GlobalBudget(headwise=self.headwise)
+        return GlobalBudget(heads=self.heads)

@@ -47,7 +47,7 @@ class Recipe:
 
 # What `kvlab compress` does when no --policy is given: the best query-agnostic cell of the frontier measured in
 # benchmarks/results/agnostic_smollm2 (see README.md, "Compressing before the question is known").
-DEFAULT_RECIPE = Recipe("kvzip", (("headwise", "false"),), 0.75, QuantizationParams("int4", residual_tokens=0))
+DEFAULT_RECIPE = Recipe("kvzip", (), 0.75, QuantizationParams("int4", residual_tokens=0))
 
 
 @dataclass

@@ -5,9 +5,9 @@ from kvlab.errors import ParameterError
 
 
 def test_policy_specs_set_parameters_and_label_the_variant():
-    cells = grid(["kvzip", "kvzip:headwise=false"], [0.5], ["int4:r0"])
-    assert [cell.label for cell in cells] == ["kvzip", "kvzip:headwise=False"]
-    assert cells[1].policy.headwise is False
+    cells = grid(["kvzip", "kvzip:heads=shared"], [0.5], ["int4:r0"])
+    assert [cell.label for cell in cells] == ["kvzip", "kvzip:heads=shared"]
+    assert cells[1].policy.heads == "shared"
     assert cells[0].quantization == "int4:r0"
     with pytest.raises(ParameterError):
-        grid(["kvzip:headwise"], [0.5])
+        grid(["kvzip:heads"], [0.5])

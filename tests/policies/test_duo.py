@@ -85,7 +85,7 @@ def test_retrieval_share_sets_the_heads_directly(engine, ids, tiny_llama):
     for head in ranking[3:]:
         assert kept[head] == streaming(CONTEXT_TOKENS)
     assert make_policy("duo", retrieval_share=0.5).budget_rule() == WholeHeadBudget(0.5)
-    assert make_policy("duo").budget_rule() == GlobalBudget(headwise=True)
+    assert make_policy("duo").budget_rule() == GlobalBudget(heads="free")
 
 
 def test_layer_granularity_keeps_whole_layers(engine, ids, tiny_llama):

@@ -72,8 +72,9 @@ def test_chunks_cover_the_whole_context_and_the_pass_is_timed(tiny_llama):
 
 def test_equal_probes_are_recorded_once():
     first = make_policy("kvzip").observation_request()
-    union = first.union(make_policy("kvzip").observation_request()).union(ObservationRequest(window_tokens=8))
-    assert union.probes == (Reconstruction(),)
+    union = first.union(make_policy("kvzip", heads="free").observation_request()).union(
+        ObservationRequest(window_tokens=8))
+    assert union.probes == (Reconstruction(),)  # the split of the budget does not change what is recorded
     other = make_policy("kvzip", chunk_tokens=512).observation_request()
     assert len(union.union(other).probes) == 2
 
@@ -82,14 +83,19 @@ def test_global_budget_spends_the_whole_budget_on_the_best_scores():
     inf = float("inf")
     ranked = [torch.tensor([[inf, 0.9, 0.8, 0.1], [inf, 0.2, 0.1, -inf]]),
               torch.tensor([[inf, 0.7, 0.05, 0.01], [inf, 0.6, 0.5, 0.4]])]
-    counts = GlobalBudget().allocate(ranked, budget_tokens=2, protected_tokens=1)
+    counts = GlobalBudget(heads="free").allocate(ranked, budget_tokens=2, protected_tokens=1)
     # 8 slots in all, 4 protected; the 4 best others are 0.9, 0.8, 0.7, 0.6
     assert [c.tolist() for c in counts] == [[3, 1], [2, 2]]
-    shared = GlobalBudget(headwise=False).allocate(ranked, budget_tokens=2, protected_tokens=1)
+    shared = GlobalBudget(heads="shared").allocate(ranked, budget_tokens=2, protected_tokens=1)
     assert [c.tolist() for c in shared] == [[2, 2], [2, 2]]
+    # padded: the held slots (each layer as wide as its widest head) fit 8. Taking 0.9 and 0.8 makes layer 0 three
+    # wide (6 held) and leaves layer 1 at its protected width (2 held): 8. Taking 0.7 too would hold 10.
+    padded = GlobalBudget().allocate(ranked, budget_tokens=2, protected_tokens=1)
+    assert [c.tolist() for c in padded] == [[3, 3], [1, 1]]
     # a budget above what is eligible keeps everything eligible
-    everything = GlobalBudget().allocate(ranked, budget_tokens=10, protected_tokens=1)
-    assert [c.tolist() for c in everything] == [[4, 3], [4, 4]]
+    for heads in ("free", "padded"):
+        everything = GlobalBudget(heads=heads).allocate(ranked, budget_tokens=10, protected_tokens=1)
+        assert [c.tolist() for c in everything] == [[4, 3], [4, 4]]
 
 
 def test_conversation_recompresses_with_the_turns_own_attention(tiny_llama):
