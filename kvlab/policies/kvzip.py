@@ -7,7 +7,8 @@ any reconstruction query pays it (max over the chunk's queries and over the quer
 the model needs to rebuild the whole document is what any later question can need, so the cache is compressed
 before the question is known. Scores are attention probabilities, comparable across heads and layers, so one
 budget is shared by the whole cache (``GlobalBudget``): heads and layers that retrieve keep more. The first
-``sink_tokens`` are kept. The reconstruction costs about one more prefill; it is counted in ``compress_s``.
+``sink_tokens`` are kept. The reconstruction pass and its scoring cost two to three prefills (measured on SmolLM2,
+CPU); they are counted in ``compress_s``.
 
 As in the reference code, each chunk's softmax runs over the sinks, the chunk's own keys in the cache and the
 reconstruction tokens (causal), not the whole document; later chunks' prompts quote the last 8 tokens of the
