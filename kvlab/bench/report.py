@@ -132,7 +132,9 @@ def budget_frontier(summary: list[dict]) -> str | None:
 
 
 def _marker(quantization: str | None) -> str:
-    return QUANT_MARKERS.get(quantization, "X")
+    """By scheme (``int4:r0`` draws as ``int4``)."""
+    scheme = None if quantization is None else quantization.split(":")[0]
+    return QUANT_MARKERS.get(scheme, "X")
 
 
 def _draw_pareto(axis, cells: list[dict]) -> None:
