@@ -3,18 +3,53 @@
 from __future__ import annotations
 
 
+class StopMatcher:
+    """Streaming Knuth-Morris-Pratt matcher for one stop string: ``feed`` reads new characters only, so the work per
+    token is linear in the characters it added (amortised), never in the text so far or the stop string's length
+    (only ``__init__`` is, once). ``matched`` is the length of the longest tail of the text read so far that is a
+    prefix of the stop string: the part to hold back, or the whole string once it occurred."""
+
+    def __init__(self, stop: str) -> None:
+        self.stop = stop
+        self.matched = 0
+        self._fail = [0] * len(stop)  # _fail[i]: longest proper prefix of stop[:i + 1] that is also its suffix
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self._fail[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            self._fail[i] = k
+
+    def feed(self, piece: str) -> int | None:
+        """Read ``piece``; the index in ``piece`` just past the first complete occurrence, or None."""
+        stop, fail, k = self.stop, self._fail, self.matched
+        for index, char in enumerate(piece):
+            while k and char != stop[k]:
+                k = fail[k - 1]
+            if char == stop[k]:
+                k += 1
+            if k == len(stop):
+                self.matched = k
+                return index + 1
+        self.matched = k
+        return None
+
+
 class TextStream:
     """Text of a growing token sequence, released in safe pieces.
 
     ``push`` decodes only the tail since the last complete character (the window trick of vLLM and TGI: decode
     ``ids[prefix:]`` and ``ids[prefix:read]`` and keep the difference, unless it ends in an incomplete UTF-8
     sequence). A stop string ends the text before it; ``take`` returns what is new, holding back a tail that could
-    still grow into a stop string.
+    still grow into a stop string. Stop strings are matched incrementally (``StopMatcher``), so a long one costs
+    its length once, not per token.
     """
 
     def __init__(self, tokenizer, stop: list[str]) -> None:
         self.tokenizer = tokenizer
         self.stop = list(stop)
+        self._matchers = [StopMatcher(string) for string in self.stop if string]
         self.ids: list[int] = []
         self.text = ""
         self.stopped = False
@@ -46,16 +81,16 @@ class TextStream:
     def _append(self, piece: str) -> None:
         if self.stopped or not piece:
             return
-        start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0) + 1)
+        before = len(self.text)
         self.text += piece
-        found = [index for index in (self.text.find(s, start) for s in self.stop) if index >= 0]
-        if found:
-            self.text, self.stopped = self.text[:min(found)], True
+        # each matcher's first occurrence ending in this piece; the earliest start wins, as str.find would choose
+        starts = [before + end - len(m.stop) for m in self._matchers if (end := m.feed(piece)) is not None]
+        if starts:
+            self.text, self.stopped = self.text[:min(starts)], True
 
     def _held_back(self) -> int:
         """Length of the longest tail of the text that is a proper prefix of a stop string."""
-        return max((k for s in self.stop for k in range(len(s) - 1, 0, -1) if self.text.endswith(s[:k])),
-                   default=0)
+        return max((m.matched for m in self._matchers), default=0)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

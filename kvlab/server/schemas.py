@@ -25,6 +25,7 @@ def _encodable(value: str) -> str:
 Text = Annotated[str, AfterValidator(_encodable)]
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256  # characters per stop string: matching costs its length once per request, so it is bounded
 NEUTRAL = {  # parameter -> values that mean "not used"
     "n": (1,), "best_of": (1,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
     "logprobs": (False, 0), "top_logprobs": (0,), "logit_bias": ({},), "tools": ([],), "functions": ([],),
@@ -85,6 +86,10 @@ class SamplingFields(BaseModel):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings (got {len(strings)})")
         if any(not string for string in strings):
             raise ValueError("stop strings must not be empty")
+        if any(len(string) > MAX_STOP_CHARS for string in strings):
+            longest = max(len(string) for string in strings)
+            raise ValueError(f"each stop string may be at most {MAX_STOP_CHARS} characters (got {longest})")
+        strings = [_encodable(string) for string in strings]
         return strings
 
     @property
