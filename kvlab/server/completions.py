@@ -55,6 +55,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     state: ServerState = request.app.state.kvlab
     state.check_model(body.model)
     tokenizer, document_id = state.engine.tokenizer, body.kvlab.document_id
+    state.check_text_size(sum(len(message.text) for message in body.messages), state.max_context_tokens,
+                          "conversation", "messages")
     if document_id is not None and not state.sessions.has_document(document_id):
         document_path(state, document_id, "kvlab.document_id")  # 404 now rather than after queueing
 
@@ -74,6 +76,11 @@ async def completions(body: CompletionRequest, request: Request):
         raise ApiError(400, "kvlab.document_id works with /v1/chat/completions only", param="kvlab.document_id")
     # the prompt validator has already unwrapped a one-string list to the string
     prompt = cast("str | list[int]", body.prompt)
+    if isinstance(prompt, str):
+        state.check_text_size(len(prompt), state.max_context_tokens, "prompt", "prompt")
+    elif state.max_context_tokens and len(prompt) > state.max_context_tokens:
+        raise ApiError(400, f"the prompt is {len(prompt)} tokens; this model's maximum context length is "
+                            f"{state.max_context_tokens} tokens", param="prompt", code="context_length_exceeded")
     return await _respond(state, request, body, lambda: Prompt(completion_token_ids(state.engine.tokenizer,
                                                                                       prompt)),
                           "text_completion")

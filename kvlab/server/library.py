@@ -89,6 +89,10 @@ def create(state: ServerState, body: DocumentRequest) -> tuple[Document, bool]:
     if limit and tokens + 1 > limit:
         raise ContextTooLongError(f"this model's maximum context length is {limit} tokens; the document is "
                                   f"{tokens} tokens and questions need room after it; shorten the document")
+    if settings.max_document_tokens and tokens > settings.max_document_tokens:
+        raise ApiError(400, f"the document is {tokens} tokens; this server stores documents of at most "
+                            f"{settings.max_document_tokens} tokens (--max-document-tokens); shorten it",
+                       param="text", code="document_too_long")
     quantization = None if settings.kv_quant is None else QuantizationParams(settings.kv_quant)
     document = compress_document(engine, body.text, policy, store=state.store, quantization=quantization,
                                  ratio=settings.document_ratio(name, body.ratio, body.budget_tokens),

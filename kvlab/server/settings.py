@@ -9,6 +9,10 @@ from kvlab.cache.quant import SCHEME_BITS
 from kvlab.errors import ParameterError
 
 MIB = 1024 * 1024
+# A text longer than this many characters per token of the limit is refused before it is tokenized (tokenizing a
+# 14 MB prompt held the worker for 20-34 s). Generous: English averages about 4 characters per token; a text of
+# unusually long tokens (runs of spaces, long words) can be refused though it would fit.
+MAX_CHARS_PER_TOKEN = 8
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,7 @@ class Settings:
     session_cache_bytes: int = 1024 * MIB  # KV bytes the prefix cache may hold (documents and conversations)
     session_cache_entries: int = 64  # and at most this many cached prefixes
     chunk_tokens: int = 512  # prefill chunk; cancellation and timeouts are checked between chunks
+    max_document_tokens: int | None = None  # longest document a POST may store (tokens); None: the model's window
 
     def __post_init__(self) -> None:
         checks = [
@@ -40,6 +45,8 @@ class Settings:
             (self.session_cache_entries >= 1, f"session_cache_entries must be >= 1 "
                                               f"(got {self.session_cache_entries})"),
             (self.chunk_tokens >= 1, f"chunk_tokens must be >= 1 (got {self.chunk_tokens})"),
+            (self.max_document_tokens is None or self.max_document_tokens >= 1,
+             f"max_document_tokens must be >= 1 (got {self.max_document_tokens})"),
             (self.ratio is None or 0 <= self.ratio < 1, f"ratio must be in [0, 1) (got {self.ratio})"),
             (self.ratio is None or self.budget_tokens is None, "give either a ratio or a budget, not both"),
             (self.kv_quant in (None, *SCHEME_BITS), f"kv_quant must be one of {', '.join(SCHEME_BITS)} "

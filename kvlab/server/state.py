@@ -10,7 +10,7 @@ from kvlab.engine import Engine
 from kvlab.server.errors import ApiError
 from kvlab.server.metrics import Metrics
 from kvlab.server.sessions import PrefixCache
-from kvlab.server.settings import Settings
+from kvlab.server.settings import MAX_CHARS_PER_TOKEN, Settings
 from kvlab.server.worker import Worker
 from kvlab.store.store import CacheStore
 
@@ -42,6 +42,22 @@ class ServerState:
         if model != self.model_id:
             raise ApiError(404, f"the model {model!r} does not exist on this server; it serves {self.model_id!r} "
                                 f"(GET /v1/models)", param="model", code="model_not_found")
+
+
+    @property
+    def max_document_tokens(self) -> int:
+        """The longest document a POST may store (tokens); 0: no limit."""
+        limits = [limit for limit in (self.settings.max_document_tokens, self.max_context_tokens) if limit]
+        return min(limits, default=0)
+
+    def check_text_size(self, chars: int, token_limit: int, what: str, param: str) -> None:
+        """400 ``context_length_exceeded`` before tokenizing a text of ``chars`` characters that cannot fit
+        ``token_limit`` tokens at ``MAX_CHARS_PER_TOKEN`` characters per token (no check when the limit is 0)."""
+        if token_limit and chars > token_limit * MAX_CHARS_PER_TOKEN:
+            raise ApiError(400, f"the {what} is {chars} characters; the limit is {token_limit} tokens, and the server "
+                                f"refuses texts over {MAX_CHARS_PER_TOKEN} characters per token of it "
+                                f"({token_limit * MAX_CHARS_PER_TOKEN} characters) without tokenizing them; shorten "
+                                f"it", param=param, code="context_length_exceeded")
 
 
 def build_state(settings: Settings, engine: Engine | None = None) -> ServerState:

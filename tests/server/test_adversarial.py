@@ -74,3 +74,49 @@ def test_stop_strings_are_bounded(server, stop):
     error = error_of(response, 422)
     assert error["param"] == "stop" and ("256 characters" in error["message"] or "at most 4" in error["message"])
     assert time.perf_counter() - started < 5
+
+
+# -- 2. prompt and document size, checked before tokenizing ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def bounded(start):
+    """A server storing documents of at most 64 tokens."""
+    with start(max_document_tokens=64, request_timeout_s=20) as running:
+        yield running
+
+
+@pytest.fixture
+def held(bounded):
+    """Keep the worker busy until the test ends: anything that needs it would wait."""
+    import threading
+
+    event = threading.Event()
+    bounded.wait_idle()
+    bounded.state.worker.submit(lambda job: event.wait(20), timeout_s=30)
+    while not bounded.state.worker.busy:
+        time.sleep(0.005)
+    yield
+    event.set()
+    bounded.wait_idle()
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "word " * 8000}]}, "messages"),
+    ("/v1/completions", {"model": MODEL, "prompt": "word " * 8000}, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": [5] * 5000}, "prompt"),
+    ("/v1/documents", {"text": "word " * 200}, "text"),
+])
+def test_huge_texts_are_refused_before_the_worker_tokenizes_them(bounded, held, path, body, param):
+    """Defect: a 14 MB prompt held the worker 20-34 s before its 400. Now the length in characters is checked on
+    arrival (the worker is busy here, so an answer at all shows the text never queued)."""
+    started = time.perf_counter()
+    response = httpx.post(f"{bounded.url}{path}", json=body, timeout=10)
+    error = error_of(response, 400)
+    assert error["code"] == "context_length_exceeded" and error["param"] == param
+    assert time.perf_counter() - started < 5
+
+
+def test_max_document_tokens_is_enforced_after_tokenizing(bounded):
+    response = httpx.post(f"{bounded.url}/v1/documents", json={"text": "word " * 100}, timeout=30)  # < 8 * 64 chars
+    error = error_of(response, 400)
+    assert error["code"] == "document_too_long" and "64 tokens" in error["message"]
+    assert bounded.state.store.list() == []
