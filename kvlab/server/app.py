@@ -41,7 +41,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app = FastAPI(title="kvlab", summary="OpenAI-compatible server with compressed document caches",
                   lifespan=lifespan)
     app.state.kvlab = state
-    install_error_handlers(app, request_field_names())
+    root = state.store.root
+    install_error_handlers(app, request_field_names(), [str(root), str(root.resolve())])
     app.include_router(completions.router)
     app.include_router(documents.router)
     app.add_api_route("/v1/models", list_models, methods=["GET"], response_model=ModelList)

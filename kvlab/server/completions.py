@@ -57,8 +57,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     tokenizer, document_id = state.engine.tokenizer, body.kvlab.document_id
     state.check_text_size(sum(len(message.text) for message in body.messages), state.max_context_tokens,
                           "conversation", "messages")
-    if document_id is not None and not state.sessions.has_document(document_id):
-        document_path(state, document_id, "kvlab.document_id")  # 404 now rather than after queueing
+    if document_id is not None:  # 404 now rather than after queueing, also when only memory still holds it
+        document_path(state, document_id, "kvlab.document_id")
 
     def prompt() -> Prompt:
         if document_id is not None:

@@ -3,8 +3,9 @@
 kvlab's own errors are raised where they happen and translated here, once: a bad parameter is 400, an unknown model
 or document 404, a cache file made for another model or damaged 409, a prompt beyond the model's window 400 with
 code ``context_length_exceeded``, a body over the size limit 413, a full queue 429 with ``Retry-After``, a request
-past its timeout 504. Anything else is 500 with a generic message and a request id; the traceback goes to the
-server's log, never into the body.
+past its timeout 504, a store that cannot be written 503 (read-only) or 507 (full). Anything else is 500 with a
+generic message and a request id; the traceback goes to the server's log, never into the body. Bodies never show
+the server's paths: the store folder is replaced by ``<store>`` (``redact``).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -30,8 +32,17 @@ from kvlab.errors import (
     UnknownNameError,
     UnknownPolicyError,
 )
+from kvlab.store.store import StoreWriteError
 
 log = logging.getLogger("kvlab.server")
+PATH_END = r"[^\s,;:()'\"]*"  # a path ends at a space, punctuation or a quote
+
+
+def redact(message: str, roots: Sequence[str]) -> str:
+    """``message`` with every path under one of ``roots`` (folders on the server) replaced by ``<store>``."""
+    for root in sorted({root for root in roots if root}, key=len, reverse=True):
+        message = re.sub(re.escape(root) + PATH_END, "<store>", message)
+    return message
 
 
 class ApiError(Exception):
@@ -66,6 +77,12 @@ def api_error_for(error: BaseException) -> ApiError:
         return ApiError(400, message, param="policy", code="unknown_policy")
     if isinstance(error, UnknownNameError):
         return ApiError(404, message, code="not_found")
+    if isinstance(error, StoreWriteError):
+        if error.reason == "read_only":
+            return ApiError(503, message, type="server_error", code="store_read_only")
+        if error.reason == "full":
+            return ApiError(507, message, type="server_error", code="store_full")
+        return internal_error(error)
     if isinstance(error, CacheMismatchError):
         return ApiError(409, message, code="cache_mismatch")
     if isinstance(error, CacheFileError):
@@ -107,12 +124,18 @@ def validation_error(error: RequestValidationError, known_fields: set[str]) -> A
     return ApiError(422, message + more, param=param, code="invalid_request")
 
 
-def install_error_handlers(app: FastAPI, known_fields: set[str]) -> None:
+def install_error_handlers(app: FastAPI, known_fields: set[str], private_roots: Sequence[str] = ()) -> None:
+    """``private_roots``: server folders (the store) that must not appear in error bodies."""
+
+    def scrubbed(error: ApiError) -> ApiError:
+        error.message = redact(error.message, private_roots)
+        return error
+
     async def on_api_error(request: Request, error: ApiError):
-        return error_response(error)
+        return error_response(scrubbed(error))
 
     async def on_kvlab_error(request: Request, error: KvlabError):
-        return error_response(api_error_for(error))
+        return error_response(scrubbed(api_error_for(error)))
 
     async def on_validation_error(request: Request, error: RequestValidationError):
         return error_response(validation_error(error, known_fields))

@@ -3,14 +3,22 @@ it, and create one from a text (prefill, compress, persist) with the server's or
 
 A document's id is its key in the content-addressed store (64 hex characters; ``kvlab chat --cache ID`` opens the
 same file), so posting the same text with the same policy again finds the stored file instead of recomputing it.
+Every read checks that the file's metadata is what the id was derived from (a file copied under another key is a
+409, never that document), and errors name the document, never the server's paths.
+
+Documents the server creates carry ``origin: "server"`` in their metadata; only those, made for this server's model,
+can be deleted over HTTP (the CLI's entries and other models' are refused).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from kvlab.engine.conversation import CompressionRule
+from kvlab.errors import CacheFileError
 from kvlab.server.errors import ApiError
 from kvlab.server.schemas import Document, DocumentRequest
 from kvlab.server.sessions import Entry
@@ -18,22 +26,73 @@ from kvlab.server.state import ServerState
 from kvlab.store.meta import CacheMeta
 
 _KEY = re.compile(r"[0-9a-f]{64}")
+ORIGIN = "server"  # metadata ``extra["origin"]`` of the documents this server created
+
+
+def not_found(document_id: str, param: str | None = None) -> ApiError:
+    return ApiError(404, f"no document with id {document_id!r}; POST /v1/documents creates one and GET "
+                         f"/v1/documents lists them", param=param, code="document_not_found")
+
+
+@contextlib.contextmanager
+def about(path: Path, document_id: str) -> Iterator[None]:
+    """Re-raise cache file errors naming the document instead of the file's path on the server."""
+    try:
+        yield
+    except CacheFileError as error:
+        raise type(error)(str(error).replace(str(path), f"document {document_id[:12]}…")) from None
 
 
 def document_path(state: ServerState, document_id: str, param: str | None = None) -> Path:
     """The stored file of ``document_id``; 404 ``document_not_found`` when there is none."""
     path = state.store.get(document_id) if _KEY.fullmatch(document_id) else None
     if path is None:
-        raise ApiError(404, f"no document with id {document_id!r}; POST /v1/documents creates one and GET "
-                            f"/v1/documents lists them", param=param, code="document_not_found")
+        state.sessions.drop_document(document_id)  # removed by `kvlab cache rm|gc`: gone from memory too
+        raise not_found(document_id, param)
     return path
 
 
-def load_into_sessions(state: ServerState, document_id: str) -> Entry:
-    """Read a document's cache from the store (verified against the model) and keep it in the prefix cache."""
-    from kvlab.store.documents import open_document
+def document_meta(state: ServerState, document_id: str) -> tuple[CacheMeta, int]:
+    """A document's metadata and file size, reading the header only; 404 unless it is one of this model's
+    documents, 409 when the file under the id is not that document."""
+    from kvlab.store.format import read_meta
+    from kvlab.store.store import check_key
 
-    loaded = open_document(state.engine, str(document_path(state, document_id, "kvlab.document_id")))
+    path = document_path(state, document_id)
+    with about(path, document_id):
+        meta = read_meta(path)
+        check_key(document_id, meta)
+    if meta.model_fingerprint != state.fingerprint or meta.query_aware:
+        raise not_found(document_id)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise not_found(document_id) from None
+    return meta, size
+
+
+def delete(state: ServerState, document_id: str) -> None:
+    """Remove a document this server created for its model; 403 ``document_not_owned`` for any other entry."""
+    meta, _ = document_meta(state, document_id)
+    if meta.extra.get("origin") != ORIGIN:
+        raise ApiError(403, f"document {document_id[:12]}… was not created by this server (it came from the kvlab "
+                            f"command line or another tool), so it cannot be deleted over HTTP; use `kvlab cache rm "
+                            f"{document_id[:12]}` on the server's machine", type="permission_error",
+                       code="document_not_owned")
+    state.store.remove_key(document_id)
+    state.sessions.drop_document(document_id)
+
+
+def load_into_sessions(state: ServerState, document_id: str) -> Entry:
+    """Read a document's cache from the store (verified against the model and its id) and keep it in the prefix
+    cache. Runs on the worker, so at most one load happens at a time."""
+    from kvlab.store.documents import open_document
+    from kvlab.store.store import check_key
+
+    path = document_path(state, document_id, "kvlab.document_id")
+    with about(path, document_id):
+        loaded = open_document(state.engine, str(path))
+        check_key(document_id, loaded.meta)
     state.metrics.inc("kvlab_document_loads_total")
     rule = session_rule(loaded.meta, loaded.cache)
     state.sessions.put(document_id, (), loaded.cache, 0, rule=rule)
@@ -51,14 +110,6 @@ def session_rule(meta: CacheMeta, cache) -> CompressionRule | None:
                            kv_quant=quantization_of(cache))
 
 
-def document_cache(state: ServerState, document_id: str):
-    """The document's cache, from the prefix cache or the store."""
-    entry = state.sessions.lookup(document_id, (0,))  # any entry of the document starts with its cache
-    if entry is not None and entry.token_ids == ():
-        return entry.cache
-    return load_into_sessions(state, document_id).cache
-
-
 def describe(document_id: str, meta: CacheMeta, file_bytes: int, **extra) -> Document:
     from kvlab.engine import compression
 
@@ -72,8 +123,10 @@ def describe(document_id: str, meta: CacheMeta, file_bytes: int, **extra) -> Doc
                     file_bytes=file_bytes, **extra)
 
 
-def create(state: ServerState, body: DocumentRequest) -> tuple[Document, bool]:
-    """Prefill and compress ``body.text`` (run it on the worker); returns the document and whether it is new."""
+def create(state: ServerState, body: DocumentRequest, check=None) -> tuple[Document, bool]:
+    """Prefill and compress ``body.text`` (run it on the worker); returns the document and whether it is new.
+    ``check`` (the job's) runs between prefill chunks and before the file is committed: a cancelled upload writes
+    nothing and counts nothing."""
     from kvlab.cache.quant import QuantizationParams
     from kvlab.errors import ContextTooLongError
     from kvlab.policies import make_policy
@@ -96,15 +149,24 @@ def create(state: ServerState, body: DocumentRequest) -> tuple[Document, bool]:
     quantization = None if settings.kv_quant is None else QuantizationParams(settings.kv_quant)
     document = compress_document(engine, body.text, policy, store=state.store, quantization=quantization,
                                  ratio=settings.document_ratio(name, body.ratio, body.budget_tokens),
-                                 budget_tokens=settings.document_budget(name, body.ratio, body.budget_tokens))
+                                 budget_tokens=settings.document_budget(name, body.ratio, body.budget_tokens),
+                                 check=check, extra={"origin": ORIGIN})
     if not document.from_store:
         state.metrics.inc("kvlab_documents_created_total")
-    return describe(document.key, read_meta(document.path), document.file_bytes, kept_tokens=document.kept_tokens,
+    with about(document.path, document.key):
+        meta = read_meta(document.path)
+    return describe(document.key, meta, document.file_bytes, kept_tokens=document.kept_tokens,
                     prefill_s=document.prefill_s, compress_s=document.compress_s), not document.from_store
 
 
-def kept_tokens(state: ServerState, document_id: str, context_tokens: int) -> float:
-    """Mean document tokens kept per head (full-attention layers), from the cache itself."""
+def kept_tokens(state: ServerState, document_id: str, meta: CacheMeta) -> float | None:
+    """Mean document tokens kept per head (full-attention layers): recorded in the metadata since issue 14, else
+    from the cache when it is in memory already (a metadata read never loads a cache)."""
     from kvlab.engine import context_kept_tokens
 
-    return context_kept_tokens(document_cache(state, document_id), context_tokens)
+    if "kept_tokens" in meta.extra:
+        return float(meta.extra["kept_tokens"])
+    entry = state.sessions.lookup(document_id, (0,))  # any entry of the document starts with its cache
+    if entry is not None and entry.token_ids == ():
+        return context_kept_tokens(entry.cache, meta.context_tokens)
+    return None

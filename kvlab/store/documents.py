@@ -7,10 +7,13 @@ instead of recomputing it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import shutil
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,13 +21,13 @@ from kvlab.cache.quant import QuantizationParams, QuantizedKVCache, quantize_cac
 from kvlab.cache.quantized import from_stored, quantization_of, quantize_in_memory
 from kvlab.engine import Engine, memory_figures, resolve_budget
 from kvlab.engine.conversation import CompressionRule, Conversation
-from kvlab.errors import CorruptCacheError, KvlabError, MissingCacheFileError, ParameterError
+from kvlab.errors import CacheMismatchError, CorruptCacheError, KvlabError, MissingCacheFileError, ParameterError
 from kvlab.fileio import atomic_write
 from kvlab.models.fingerprint import tokenizer_fingerprint
 from kvlab.policies.base import Policy
 from kvlab.store.format import LoadedCache, load_cache, meta_for, save_cache
 from kvlab.store.meta import CacheMeta
-from kvlab.store.store import CacheStore, key_for
+from kvlab.store.store import CacheStore, check_key, key_for
 
 _KEY_PREFIX = re.compile(r"[0-9a-fA-F]{1,64}")  # what `kvlab cache ls` shows; anything else is a file path
 
@@ -77,9 +80,12 @@ def document_key(engine: Engine, text: str, policy: Policy, ratio: float | None,
 
 def compress_document(engine: Engine, text: str, policy: Policy, *, ratio: float | None = None,
                       budget_tokens: int | None = None, quantization: QuantizationParams | None = None,
-                      store: CacheStore | None = None, force: bool = False,
-                      progress: bool = False) -> CompressedDocument:
-    """Prefill ``text``, compress it with ``policy`` (and quantize), and keep it in ``store``; reuse a stored copy."""
+                      store: CacheStore | None = None, force: bool = False, progress: bool = False,
+                      check: Callable[[], None] | None = None, extra: dict | None = None) -> CompressedDocument:
+    """Prefill ``text``, compress it with ``policy`` (and quantize), and keep it in ``store``; reuse a stored copy.
+
+    ``check`` runs before every forward pass of the prefill and once more before the file is committed; it may raise
+    to cancel, and then nothing is written. ``extra`` is added to the new file's metadata (not to its key)."""
     store = store or CacheStore()
     prefix_ids = engine.prompt(text, "").prefix_ids
     context_tokens = int(prefix_ids.numel())
@@ -91,10 +97,12 @@ def compress_document(engine: Engine, text: str, policy: Policy, *, ratio: float
         try:
             # a full load, not just the header: a damaged payload must be recomputed here, not found again
             loaded = load_cache(found, expected_model_fingerprint=engine.loaded.fingerprint)
+            check_key(key, loaded.meta)
             return _describe(found, key, True, loaded.meta, loaded.cache.kept_tokens(), loaded.file_bytes, 0.0, 0.0)
-        except (CorruptCacheError, MissingCacheFileError):
-            pass  # damaged (or removed meanwhile): compute it again and replace it, as the error tells users to do
-    result = engine.prefill(prefix_ids, policy.observation_request(), progress=progress)
+        except (CorruptCacheError, MissingCacheFileError, CacheMismatchError):
+            pass  # damaged, removed meanwhile or not this entry: compute it again and replace it
+    with _checked_forwards(engine.model, check):
+        result = engine.prefill(prefix_ids, policy.observation_request(), progress=progress)
     cache, budget, compress_s = engine.compress(result, policy, budget_tokens=budget)
     full_bytes, last_logits, prefill_s = result.cache.held_bytes, result.last_logits, result.seconds
     del result  # the full cache is freed before the file is written
@@ -107,9 +115,35 @@ def compress_document(engine: Engine, text: str, policy: Policy, *, ratio: float
                            "kv_bytes_stored": (stored.nbytes if isinstance(stored, QuantizedKVCache)
                                                else cache.held_bytes),
                            "prefill_s": prefill_s, "compress_s": compress_s, "turns": 0,
-                           "pending_token_ids": []})
-    path = store.put(key, lambda temporary: save_cache(temporary, stored, meta, last_logits))
+                           "pending_token_ids": [], "kept_tokens": cache.kept_tokens(), **(extra or {})})
+
+    def write(temporary: Path) -> None:
+        save_cache(temporary, stored, meta, last_logits)
+        if check is not None:
+            check()  # the last moment to cancel: the temporary file is removed and the entry never appears
+
+    path = store.put(key, write)
     return _describe(path, key, False, meta, cache.kept_tokens(), path.stat().st_size, prefill_s, compress_s)
+
+
+@contextlib.contextmanager
+def _checked_forwards(model, check: Callable[[], None] | None) -> Iterator[None]:
+    """Run ``check`` before each forward pass of ``model`` made by this thread (prefill chunks and replays), through
+    a pre-hook removed on exit; passes on other threads (another server on the same model) are not affected."""
+    if check is None:
+        yield
+        return
+    thread = threading.get_ident()
+
+    def hook(module, args) -> None:
+        if threading.get_ident() == thread:
+            check()
+
+    handle = model.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _describe(path: Path, key: str, from_store: bool, meta: CacheMeta, kept_tokens: float, file_bytes: int,
@@ -139,12 +173,16 @@ def open_document(engine: Engine, path_or_key: str, store: CacheStore | None = N
     file stays quantized in memory; ``kv_quant`` quantizes a plain file's cache in memory (a quantized file must
     then have been made with the same scheme)."""
     path = Path(path_or_key).expanduser()
+    key = None
     if not path.exists() and _KEY_PREFIX.fullmatch(path_or_key.strip()):
-        path = (store or CacheStore()).find(path_or_key).path
+        entry = (store or CacheStore()).find(path_or_key)
+        path, key = entry.path, entry.key
     started = time.perf_counter()
     loaded = load_cache(path, expected_model_fingerprint=engine.loaded.fingerprint,
                         expected_tokenizer_fingerprint=tokenizer_fingerprint(engine.tokenizer),
                         expected_model_name=engine.loaded.name, device=engine.loaded.device)
+    if key is not None:
+        check_key(key, loaded.meta)
     if kv_quant is not None:
         held = quantization_of(loaded.cache)
         if held is not None and held.scheme != kv_quant.scheme:

@@ -4,12 +4,14 @@ An entry's key is the SHA-256 of what determines its contents (model fingerprint
 ratio, budget, query-awareness, quantization), so the same request finds the same file. Files live at
 ``<root>/<key[:2]>/<key>.kv``. Writes are atomic; two processes writing one key both leave a complete file and the
 last rename wins. "Last used" is the file's mtime, set on every ``get``: atime is unreliable on noatime and
-relatime mounts.
+relatime mounts. A store the process cannot write (read-only mount, no permission) still serves reads: the
+last-used update is skipped; writes and removals raise StoreWriteError, one line naming the cause.
 """
 
 from __future__ import annotations
 
 import builtins
+import errno
 import hashlib
 import json
 import os
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvlab.cache.quant import QuantizationParams
-from kvlab.errors import CacheFileError, ParameterError, UnknownCacheEntryError
+from kvlab.errors import CacheFileError, CacheMismatchError, KvlabError, ParameterError, UnknownCacheEntryError
 from kvlab.fileio import TEMP_SUFFIX, atomic_write, fsync_directory
 from kvlab.models.convert import cache_root
 from kvlab.store.format import FILE_SUFFIX, read_meta
@@ -32,6 +34,29 @@ _KEY = re.compile(r"[0-9a-f]{64}")
 _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", re.IGNORECASE)
 SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+class StoreWriteError(KvlabError, OSError):
+    """The store cannot be written: ``reason`` is ``"read_only"`` (read-only file system or no permission),
+    ``"full"`` (no space left) or ``"error"``."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def write_error(error: OSError, root: Path, doing: str) -> StoreWriteError:
+    """The StoreWriteError for an OSError raised while ``doing`` something to the store at ``root``."""
+    if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return StoreWriteError(f"cannot {doing}: the cache store {root} is read-only ({error.strerror}); it serves "
+                               f"reads only; point KVLAB_CACHE_DIR (or --store) at a writable folder", "read_only")
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreWriteError(f"cannot {doing}: no space left for the cache store {root} ({error.strerror}); free "
+                               f"space, e.g. `kvlab cache gc --max-size 2GB`", "full")
+    return StoreWriteError(f"cannot {doing} in the cache store {root} ({error.strerror or error})", "error")
 
 
 def parse_size(text: str, *, require_unit: bool = False) -> int:
@@ -64,6 +89,17 @@ def key_for_meta(meta: CacheMeta) -> str:
     return key_for(model_fingerprint=meta.model_fingerprint, text_sha256=meta.text_sha256, policy=meta.policy,
                    policy_params=meta.policy_params, ratio=meta.ratio, budget_tokens=meta.budget_tokens,
                    query_aware=meta.query_aware, quantization=meta.quantization)
+
+
+def check_key(key: str, meta: CacheMeta) -> None:
+    """Raise CacheMismatchError unless ``meta`` is what ``key`` was derived from (text, model, policy and parameters,
+    ratio, budget, quantization): a file copied or renamed under another entry's key is never served as it."""
+    actual = key_for_meta(meta)
+    if actual != key:
+        raise CacheMismatchError(f"the cache stored under key {key[:12]}… is not that entry: its metadata "
+                                 f"({meta.model}, {meta.policy}, text {meta.text_sha256[:12]}…) belongs under key "
+                                 f"{actual[:12]}… (the file was copied or renamed); remove it with `kvlab cache rm "
+                                 f"{key[:12]}` and compress the document again")
 
 
 @dataclass
@@ -107,6 +143,8 @@ class CacheStore:
             os.utime(path)
         except (FileNotFoundError, NotADirectoryError):  # no entry (or the store root is not a folder yet)
             return None
+        except OSError:  # a read-only store: serve the entry without recording its use
+            return path if path.is_file() else None
         return path
 
     def put(self, key: str, source: Path | str | Callable[[Path], object]) -> Path:
@@ -131,7 +169,12 @@ class CacheStore:
                 raise ParameterError(f"the file's metadata hashes to key {actual[:12]}…, not {key[:12]}…; "
                                      f"store it under key_for_meta(meta)")
 
-        atomic_write(target, write)
+        try:
+            atomic_write(target, write)
+        except StoreWriteError:
+            raise
+        except OSError as error:
+            raise write_error(error, self.root, "store a cache") from None
         return target
 
     def list(self) -> list[StoreEntry]:
@@ -146,6 +189,10 @@ class CacheStore:
         entry = self.find(key_or_prefix)
         self._delete(entry.path)
         return entry
+
+    def remove_key(self, key: str) -> None:
+        """Delete the entry stored under exactly ``key`` (no prefix matching; nothing happens if it is absent)."""
+        self._delete(self.path_for(key))
 
     def find(self, key_or_prefix: str) -> StoreEntry:
         """The one entry whose key starts with ``key_or_prefix``; raises on no match or several."""
@@ -175,6 +222,8 @@ class CacheStore:
                     temp.unlink()
             except FileNotFoundError:  # another process finished or removed it
                 pass
+            except OSError as error:
+                raise write_error(error, self.root, "remove stale temporary files") from None
         entries = sorted(self.list(), key=lambda entry: entry.last_used)
         total = sum(entry.size_bytes for entry in entries)
         removed = []
@@ -210,7 +259,10 @@ class CacheStore:
 
     def _delete(self, path: Path) -> None:
         # Shard directories stay (at most 256): removing an empty one could race with a put that just made it.
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as error:
+            raise write_error(error, self.root, f"remove {path.stem[:12]}") from None
         fsync_directory(path.parent)
 
 
