@@ -128,7 +128,6 @@ def create(state: ServerState, body: DocumentRequest, check=None) -> tuple[Docum
     ``check`` (the job's) runs between prefill chunks and before the file is committed: a cancelled upload writes
     nothing and counts nothing."""
     from kvlab.cache.quant import QuantizationParams
-    from kvlab.errors import ContextTooLongError
     from kvlab.policies import make_policy
     from kvlab.store.documents import compress_document
     from kvlab.store.format import read_meta
@@ -140,8 +139,9 @@ def create(state: ServerState, body: DocumentRequest, check=None) -> tuple[Docum
     tokens = int(engine.prompt(body.text, "").prefix_ids.numel())
     limit = state.max_context_tokens
     if limit and tokens + 1 > limit:
-        raise ContextTooLongError(f"this model's maximum context length is {limit} tokens; the document is "
-                                  f"{tokens} tokens and questions need room after it; shorten the document")
+        raise ApiError(400, f"this model's maximum context length is {limit} tokens; the document is {tokens} "
+                            f"tokens and questions need room after it; shorten the document", param="text",
+                       code="context_length_exceeded")
     if settings.max_document_tokens and tokens > settings.max_document_tokens:
         raise ApiError(400, f"the document is {tokens} tokens; this server stores documents of at most "
                             f"{settings.max_document_tokens} tokens (--max-document-tokens); shorten it",

@@ -120,3 +120,84 @@ def test_max_document_tokens_is_enforced_after_tokenizing(bounded):
     error = error_of(response, 400)
     assert error["code"] == "document_too_long" and "64 tokens" in error["message"]
     assert bounded.state.store.list() == []
+
+
+# -- 3, 5, 8. documents: the key is checked, reads are metadata only, deletes reach memory, no paths in errors -----
+def post_document(running, text: str, **fields) -> dict:
+    response = httpx.post(f"{running.url}/v1/documents", json={"text": text, **fields}, timeout=60)
+    assert response.status_code in (200, 201), response.text
+    return response.json()
+
+
+def ask(running, document_id: str) -> httpx.Response:
+    return httpx.post(f"{running.url}/v1/chat/completions", timeout=60,
+                      json={**CHAT, "kvlab": {"document_id": document_id}})
+
+
+def test_a_file_copied_under_another_key_is_409_without_server_paths(server):
+    import shutil
+
+    first = post_document(server, "The pass key is 1111. " * 10, policy="snapkv", ratio=0.5)
+    second = post_document(server, "The pass key is 2222. " * 10, policy="snapkv", ratio=0.5)
+    store = server.state.store
+    server.state.sessions.drop_document(first["id"])
+    shutil.copyfile(store.path_for(second["id"]), store.path_for(first["id"]))
+    for response in (httpx.get(f"{server.url}/v1/documents/{first['id']}"), ask(server, first["id"])):
+        error = error_of(response, 409)
+        assert error["code"] == "cache_mismatch" and "copied or renamed" in error["message"]
+        assert str(store.root) not in response.text and str(store.root.resolve()) not in response.text
+    store.remove_key(first["id"])
+
+
+def test_reading_a_document_reads_its_metadata_only(server):
+    document = post_document(server, "The pass key is 5555. " * 10, policy="snapkv", ratio=0.5)
+    server.state.sessions.drop_document(document["id"])
+    loads = server.state.metrics.value("kvlab_document_loads_total")
+    responses = [httpx.get(f"{server.url}/v1/documents/{document['id']}") for _ in range(5)]
+    assert all(response.status_code == 200 for response in responses)
+    assert responses[0].json()["kept_tokens"] == pytest.approx(document["kept_tokens"])
+    assert server.state.metrics.value("kvlab_document_loads_total") == loads  # was one full load per GET
+    assert not server.state.sessions.has_document(document["id"])
+
+
+def test_a_document_removed_from_the_store_is_gone_from_memory_too(server):
+    document = post_document(server, "The pass key is 6666. " * 10, policy="snapkv", ratio=0.5)
+    assert ask(server, document["id"]).status_code == 200
+    assert server.state.sessions.has_document(document["id"])
+    server.state.store.remove_key(document["id"])  # as `kvlab cache rm` or `gc` in another process would
+    assert error_of(ask(server, document["id"]), 404)["code"] == "document_not_found"
+    assert not server.state.sessions.has_document(document["id"])
+
+
+def test_delete_refuses_documents_the_server_did_not_create(server, tiny_engine):
+    from kvlab.policies import make_policy
+    from kvlab.store.documents import compress_document
+
+    made_by_cli = compress_document(tiny_engine, "The pass key is 7777. " * 10, make_policy("snapkv"), ratio=0.5,
+                                    store=server.state.store)
+    response = httpx.delete(f"{server.url}/v1/documents/{made_by_cli.key}")
+    assert error_of(response, 403)["code"] == "document_not_owned"
+    assert made_by_cli.path.exists()
+    assert httpx.get(f"{server.url}/v1/documents/{made_by_cli.key}").status_code == 200  # still readable
+    own = post_document(server, "The pass key is 8888. " * 10)
+    assert httpx.delete(f"{server.url}/v1/documents/{own['id']}").status_code == 200
+
+
+# -- 4. a cancelled upload writes nothing and counts nothing --------------------------------------------------------
+@pytest.fixture(scope="module")
+def slow_prefill(start, tiny_llama):
+    """Prefill in 4-token chunks, so a long document takes a while and a cancellation lands mid-prefill."""
+    from kvlab.engine import Engine
+
+    with start(engine=Engine(tiny_llama, chunk_tokens=4), request_timeout_s=30) as running:
+        yield running
+
+
+def test_an_abandoned_upload_stops_and_writes_nothing(slow_prefill):
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{slow_prefill.url}/v1/documents", json={"text": "word " * 700}, timeout=0.5)
+    slow_prefill.wait_idle(timeout_s=20)
+    state = slow_prefill.state
+    assert state.store.list() == [] and list(state.store.root.glob("**/*.tmp")) == []
+    assert state.metrics.value("kvlab_documents_created_total") == 0
+    assert state.metrics.value("kvlab_generations_cancelled_total", reason="disconnect") == 1
