@@ -22,12 +22,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens generated when a chat request gives no max_tokens (default: %(default)s)")
     parser.add_argument("--session-cache", default="1GiB",
                         help="KV bytes kept for documents and conversation prefixes (default: %(default)s)")
+    parser.add_argument("--max-document-tokens", type=int, default=None,
+                        help="longest document POST /v1/documents may store, in tokens (default: the model's window)")
+    guard = parser.add_argument_group("access (see README, Serving)")
+    guard.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on every route but /health (default: "
+                            "$KVLAB_API_KEY, else no key)")
+    guard.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
+    guard.add_argument("--allowed-hosts", default=None,
+                       help="comma-separated Host header values to answer ('*': any); default: localhost, "
+                            "127.0.0.1, ::1 and --host")
+    slow = parser.add_argument_group("slow clients (uvicorn)")
+    slow.add_argument("--read-timeout", type=float, default=30.0,
+                      help="seconds a request's headers and body may take to arrive; then the connection is closed "
+                           "(default: %(default)s)")
+    slow.add_argument("--keep-alive", type=int, default=5,
+                      help="seconds an idle keep-alive connection stays open (default: %(default)s)")
+    slow.add_argument("--max-header-size", default="16KiB",
+                      help="largest request header block, with a unit (default: %(default)s)")
+    slow.add_argument("--max-connections", type=int, default=64,
+                      help="open connections at once; beyond it uvicorn answers 503 (default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.epilog = ("example:\n  kvlab serve --policy snapkv --ratio 0.75 --port 8000\n"
                      "  then any OpenAI client with base_url=http://127.0.0.1:8000/v1")
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
     try:
         import uvicorn
     except ImportError:
@@ -35,17 +57,34 @@ def run(args: argparse.Namespace) -> int:
 
         raise KvlabError("kvlab serve needs the server extra: pip install 'kvlab[server]'") from None
     from kvlab.cli.common import policy_from_args, ratio_from_args
+    from kvlab.errors import ParameterError
     from kvlab.server import Settings, create_app
+    from kvlab.server.settings import LOOPBACK_HOSTS
+    from kvlab.server.slowclients import uvicorn_config
     from kvlab.store.store import parse_size
 
     policy = policy_from_args(args)  # an unknown policy or parameter fails before the model loads
+    if args.allowed_hosts is not None:
+        hosts = tuple(host.strip() for host in args.allowed_hosts.split(",") if host.strip())
+    else:
+        hosts = (*LOOPBACK_HOSTS, args.host)
+    for name in ("read_timeout", "keep_alive", "max_connections"):
+        if getattr(args, name) <= 0:
+            raise ParameterError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
     settings = Settings(model=args.model, device=args.device, weights=args.weights, policy=policy.name,
                         policy_params=policy.params(), ratio=ratio_from_args(args), budget_tokens=args.budget,
                         kv_quant=None if args.kv_quant in (None, "none") else args.kv_quant,
                         store_root=args.store,
                         max_queue=args.max_queue, request_timeout_s=args.timeout,
                         default_max_tokens=args.max_tokens, session_cache_bytes=parse_size(args.session_cache,
-                                                                                      require_unit=True))
-    app = create_app(settings)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+                                                                                      require_unit=True),
+                        max_document_tokens=args.max_document_tokens,
+                        api_key=args.api_key or os.environ.get("KVLAB_API_KEY") or None,
+                        metrics_public=args.metrics_public, allowed_hosts=hosts)
+    config = uvicorn_config(None, args.host, args.port, log_level=args.log_level, read_timeout_s=args.read_timeout,
+                            keep_alive_s=args.keep_alive,
+                            max_header_bytes=parse_size(args.max_header_size, require_unit=True),
+                            limit_concurrency=args.max_connections)  # checked before the model loads
+    config.app = create_app(settings)
+    uvicorn.Server(config).run()
     return 0

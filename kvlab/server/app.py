@@ -5,8 +5,9 @@
 - ``POST /v1/documents``, ``GET /v1/documents``, ``GET|DELETE /v1/documents/{id}`` (``documents.py``)
 - ``GET /health`` and ``GET /metrics`` (Prometheus text)
 
-Two plain ASGI middlewares (no BaseHTTPMiddleware, which would hide client disconnects from streaming responses)
-refuse bodies over ``settings.max_body_bytes`` with 413 and count requests by route and status.
+Plain ASGI middlewares (no BaseHTTPMiddleware, which would hide client disconnects from streaming responses)
+count requests by route and status, check the Host header and the API key (``guard.py``), and refuse bodies over
+``settings.max_body_bytes`` with 413.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from fastapi.responses import PlainTextResponse
 
 from kvlab.engine import Engine
 from kvlab.server import completions, documents
-from kvlab.server.errors import ApiError, error_body, install_error_handlers
+from kvlab.server.errors import ApiError, install_error_handlers, send_error
+from kvlab.server.guard import Guard
 from kvlab.server.metrics import CONTENT_TYPE
 from kvlab.server.schemas import ModelCard, ModelList, request_field_names
 from kvlab.server.settings import Settings
@@ -50,6 +52,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"], response_class=PlainTextResponse)
     app.add_middleware(LimitBody, max_bytes=settings.max_body_bytes)
+    app.add_middleware(Guard, settings=settings)  # before reading any body
     app.add_middleware(CountRequests, state=state)  # added last: outermost, so it counts 413s too
     return app
 
@@ -91,7 +94,7 @@ class LimitBody:
                    f"document or prompt")
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await _send_error(send, ApiError(413, message, code="request_too_large"))
+            return await send_error(send, ApiError(413, message, code="request_too_large"))
         received = 0
 
         async def limited_receive():
@@ -129,12 +132,3 @@ class CountRequests:
             route = scope.get("route")
             path = getattr(route, "path", None) or "other"
             self.state.metrics.inc("kvlab_requests_total", route=path, status=str(status))
-
-
-async def _send_error(send, error: ApiError) -> None:
-    import json
-
-    body = json.dumps(error_body(error.message, error.type, error.param, error.code)).encode()
-    await send({"type": "http.response.start", "status": error.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})

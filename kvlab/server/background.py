@@ -11,10 +11,13 @@ from collections.abc import Iterator
 
 @contextlib.contextmanager
 def serve_in_background(app, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning",
-                        start_timeout_s: float = 30.0) -> Iterator[str]:
+                        start_timeout_s: float = 30.0, **limits) -> Iterator[str]:
+    """``limits``: ``slowclients.uvicorn_config``'s keyword arguments (read timeout, keep-alive, ...)."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    from kvlab.server.slowclients import uvicorn_config
+
+    server = uvicorn.Server(uvicorn_config(app, host, port, log_level=log_level, **limits))
     thread = threading.Thread(target=server.run, name="kvlab-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout_s

@@ -64,6 +64,15 @@ def error_response(error: ApiError) -> JSONResponse:
                         headers=error.headers)
 
 
+async def send_error(send, error: ApiError) -> None:
+    """Answer ``error`` from a plain ASGI middleware (before any route runs)."""
+    body = json.dumps(error_body(error.message, error.type, error.param, error.code)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(name.lower().encode(), value.encode()) for name, value in error.headers.items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 def api_error_for(error: BaseException) -> ApiError:
     """The HTTP answer for a kvlab error (and for the worker's busy/timeout/cancel errors, which are ApiErrors)."""
     if isinstance(error, ApiError):

@@ -13,6 +13,7 @@ MIB = 1024 * 1024
 # 14 MB prompt held the worker for 20-34 s). Generous: English averages about 4 characters per token; a text of
 # unusually long tokens (runs of spaces, long words) can be refused though it would fit.
 MAX_CHARS_PER_TOKEN = 8
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class Settings:
     session_cache_entries: int = 64  # and at most this many cached prefixes
     chunk_tokens: int = 512  # prefill chunk; cancellation and timeouts are checked between chunks
     max_document_tokens: int | None = None  # longest document a POST may store (tokens); None: the model's window
+    api_key: str | None = None  # when set, every route but /health needs "Authorization: Bearer KEY"
+    metrics_public: bool = False  # /metrics without the key
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS  # Host header values answered (DNS rebinding); "*": any
 
     def __post_init__(self) -> None:
         checks = [
@@ -45,6 +49,8 @@ class Settings:
             (self.session_cache_entries >= 1, f"session_cache_entries must be >= 1 "
                                               f"(got {self.session_cache_entries})"),
             (self.chunk_tokens >= 1, f"chunk_tokens must be >= 1 (got {self.chunk_tokens})"),
+            (self.api_key is None or len(self.api_key) >= 8, "the API key must be at least 8 characters"),
+            (bool(self.allowed_hosts), "allowed_hosts must name at least one host (or '*' for any)"),
             (self.max_document_tokens is None or self.max_document_tokens >= 1,
              f"max_document_tokens must be >= 1 (got {self.max_document_tokens})"),
             (self.ratio is None or 0 <= self.ratio < 1, f"ratio must be in [0, 1) (got {self.ratio})"),

@@ -201,3 +201,84 @@ def test_an_abandoned_upload_stops_and_writes_nothing(slow_prefill):
     assert state.store.list() == [] and list(state.store.root.glob("**/*.tmp")) == []
     assert state.metrics.value("kvlab_documents_created_total") == 0
     assert state.metrics.value("kvlab_generations_cancelled_total", reason="disconnect") == 1
+
+
+# -- 6. who may talk to the server ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def keyed(start):
+    with start(api_key="secret-key-1", allowed_hosts=("localhost", "127.0.0.1", "::1")) as running:
+        yield running
+
+
+def test_the_api_key_is_checked_as_openai_clients_send_it(keyed):
+    from openai import AuthenticationError, OpenAI
+
+    assert httpx.get(f"{keyed.url}/health").status_code == 200  # open, for load balancers
+    for headers in ({}, {"Authorization": "Bearer wrong-key"}, {"Authorization": "secret-key-1"}):
+        assert error_of(httpx.get(f"{keyed.url}/v1/models", headers=headers), 401)["code"] == "invalid_api_key"
+        assert httpx.get(f"{keyed.url}/metrics", headers=headers).status_code == 401
+        assert httpx.post(f"{keyed.url}/v1/documents", json={"text": "x"}, headers=headers).status_code == 401
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=f"{keyed.url}/v1", api_key="wrong-key", max_retries=0).models.list()
+    client = OpenAI(base_url=f"{keyed.url}/v1", api_key="secret-key-1", max_retries=0, timeout=30)
+    assert client.models.list().data[0].id == MODEL
+    assert httpx.get(f"{keyed.url}/metrics", headers={"Authorization": "Bearer secret-key-1"}).status_code == 200
+
+
+def test_metrics_can_be_public(start):
+    with start(api_key="secret-key-1", metrics_public=True) as running:
+        assert httpx.get(f"{running.url}/metrics").status_code == 200
+        assert httpx.get(f"{running.url}/v1/models").status_code == 401
+
+
+@pytest.mark.parametrize("host, status", [("evil.example", 400), ("evil.example:80", 400), ("localhost:8000", 200),
+                                          ("[::1]:8000", 200), ("LOCALHOST", 200)])
+def test_the_host_header_is_checked_against_dns_rebinding(server, host, status):
+    response = httpx.get(f"{server.url}/v1/models", headers={"Host": host})
+    assert response.status_code == status
+    if status == 400:
+        assert response.json()["error"]["code"] == "invalid_host"
+
+
+# -- 7. a read-only store over HTTP --------------------------------------------------------------------------------
+def test_a_read_only_store_serves_documents_and_refuses_new_ones(server, monkeypatch):
+    import errno
+    import os
+    import pathlib
+
+    document = post_document(server, "The pass key is 9999. " * 10, policy="snapkv", ratio=0.5)
+    server.state.sessions.drop_document(document["id"])
+    root = str(server.state.store.root)
+    real_utime, real_mkdir = os.utime, pathlib.Path.mkdir
+
+    def refuse(path):
+        if str(path).startswith(root):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr("os.utime", lambda path, *a, **k: refuse(path) or real_utime(path, *a, **k))
+    monkeypatch.setattr(pathlib.Path, "mkdir", lambda self, *a, **k: refuse(self) or real_mkdir(self, *a, **k))
+    assert httpx.get(f"{server.url}/v1/documents/{document['id']}").status_code == 200
+    assert ask(server, document["id"]).status_code == 200
+    response = httpx.post(f"{server.url}/v1/documents", json={"text": "a new text " * 10}, timeout=60)
+    assert error_of(response, 503)["code"] == "store_read_only" and root not in response.text
+
+
+# -- 9. slow clients -----------------------------------------------------------------------------------------------
+def test_a_client_trickling_its_request_is_disconnected(tiny_engine, tmp_path):
+    import socket
+
+    from kvlab.server import Settings, create_app
+    from kvlab.server.background import serve_in_background
+
+    app = create_app(Settings(model=MODEL, store_root=tmp_path), tiny_engine)
+    with serve_in_background(app, read_timeout_s=0.5) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+            slow.sendall(b"POST /v1/documents HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # headers never finish
+            started = time.monotonic()
+            assert slow.recv(1024) == b""  # closed by the server
+            assert time.monotonic() - started < 5
+        with httpx.Client(base_url=url, timeout=30) as client:  # a normal request is unaffected
+            assert client.get("/v1/models").status_code == 200
+            time.sleep(0.8)  # idle past the read timeout between requests: that is keep-alive's business
+            assert client.get("/v1/models").status_code == 200

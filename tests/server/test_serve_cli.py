@@ -12,6 +12,9 @@ from kvlab.cli import main
     (["--policy", "snapkv", "-p", "window=3"], "window_tokens"),
     (["--session-cache", "lots"], "cannot read size"),
     (["--max-queue", "-1"], "max_queue"),
+    (["--read-timeout", "0"], "--read-timeout"),
+    (["--max-header-size", "16"], "has no unit"),
+    (["--api-key", "short"], "at least 8 characters"),
 ])
 def test_bad_settings_fail_in_one_line(argv, fragment, capsys, monkeypatch):
     import kvlab.server.app
@@ -36,7 +39,7 @@ def test_kvlab_serve_answers_an_openai_client(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "kvlab", "serve", "--model", "tiny-llama", "--port", str(port),
-               "--store", str(tmp_path), "--log-level", "warning"]
+               "--store", str(tmp_path), "--log-level", "warning", "--api-key", "key-for-tests"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -49,7 +52,8 @@ def test_kvlab_serve_answers_an_openai_client(tmp_path):
                 pass
             assert time.monotonic() < deadline, "kvlab serve did not become healthy"
             time.sleep(0.1)
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="key-for-tests", max_retries=0)
         reply = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "Hi"}],
                                                max_tokens=3, temperature=0)
         assert reply.usage.completion_tokens <= 3 and reply.choices[0].finish_reason in ("stop", "length")
