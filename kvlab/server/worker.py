@@ -4,7 +4,8 @@
 ``job.emit(kind, payload)`` (delivered to the request's coroutine through an asyncio queue) and calls ``job.check()``
 between prefill chunks and decode steps: that raises ``Cancelled`` once the client has gone (``job.cancel``) or the
 request's deadline has passed, so an abandoned generation stops within one step. A full queue raises
-``ServerBusy`` (429 with ``Retry-After``) without queueing anything.
+``ServerBusy`` (429 with ``Retry-After``) without queueing anything; waiting jobs whose clients have gone are
+dropped first, so they never hold a slot a live client could use.
 
 There is no per-model lock: the kvlab attention function is registered once and reads its state from each forward
 pass's own arguments, so two apps serving the same in-memory model (tests do this) cannot disturb each other.
@@ -133,11 +134,27 @@ class Worker:
         with self._condition:
             if self._stopping:
                 raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
+            self._drop_abandoned()
             if len(self._waiting) >= self.max_queue and (self._running is not None or self._waiting):
                 raise busy_error(self.retry_after_s(), self.max_queue)
             self._waiting.append(job)
             self._condition.notify()
         return job
+
+    def _drop_abandoned(self) -> None:
+        """Forget waiting jobs that were cancelled (client gone, deadline passed); called with the lock held."""
+        for job in self._waiting:
+            if not job.cancelled and time.monotonic() > job.deadline:
+                job.cancel("timeout")
+        abandoned = [job for job in self._waiting if job.cancelled]
+        if not abandoned:
+            return
+        self._waiting = collections.deque(job for job in self._waiting if not job.cancelled)
+        for job in abandoned:
+            reason = job.cancel_reason or "cancelled"
+            job.finished = True
+            self._on_cancel(reason)
+            job.emit("error", Cancelled(reason))
 
     @property
     def waiting(self) -> int:

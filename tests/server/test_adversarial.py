@@ -282,3 +282,33 @@ def test_a_client_trickling_its_request_is_disconnected(tiny_engine, tmp_path):
             assert client.get("/v1/models").status_code == 200
             time.sleep(0.8)  # idle past the read timeout between requests: that is keep-alive's business
             assert client.get("/v1/models").status_code == 200
+
+
+# -- queue slots of clients that gave up ---------------------------------------------------------------------------
+def test_clients_that_gave_up_free_their_queue_slots(start):
+    """Defect: a client that timed out while queued kept its slot, so live clients got 429 while nobody waited."""
+    import threading
+
+    with start(max_queue=1, request_timeout_s=30) as running:
+        event = threading.Event()
+        running.state.worker.submit(lambda job: event.wait(20), timeout_s=30)
+        try:
+            while not running.state.worker.busy:
+                time.sleep(0.005)
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(f"{running.url}/v1/chat/completions", json=CHAT, timeout=0.3)  # queued, then gone
+            deadline = time.monotonic() + 5
+            while not all(job.cancelled for job in running.state.worker._waiting):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            result = {}
+            thread = threading.Thread(target=lambda: result.update(response=httpx.post(
+                f"{running.url}/v1/chat/completions", json=CHAT, timeout=30)))
+            thread.start()
+            time.sleep(0.3)
+            event.set()
+            thread.join(30)
+            assert result["response"].status_code == 200  # was 429: the gone client still held the only slot
+            assert running.state.metrics.value("kvlab_generations_cancelled_total", reason="disconnect") == 1
+        finally:
+            event.set()
