@@ -1,0 +1,139 @@
+"""Normal clients beside hostile ones (issue 14): does the server stay usable while it is abused?
+
+Conditions: one server on loopback (uvicorn in a background thread, tiny random model unless --model), a fresh
+temporary store, 4 normal clients asking short chats on a stored document in a loop. Phase 1 runs them alone; phase
+2 adds 4 hostile clients, one per kind: huge stop strings, 14 MB prompts, uploads abandoned after 0.2 s, and
+concurrent GETs of the document. Reported: normal clients' failures (anything but 200, or 429 with Retry-After),
+their p95 latency in both phases and its ratio, the process's peak RSS, and the store entries written by cancelled
+uploads (should be 0). Prints the figures and writes JSON to benchmarks/results/server_abuse.json.
+
+    python benchmarks/server_abuse.py --seconds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from kvlab.server import Settings, create_app
+from kvlab.server.background import serve_in_background
+
+NORMAL_CLIENTS = 4
+DOCUMENT = "The pass key is 4242. " + "The sky was grey and the sea was calm. " * 40
+
+
+def normal_client(url: str, model: str, document_id: str, stop_at: float, latencies: list, failures: list) -> None:
+    body = {"model": model, "messages": [{"role": "user", "content": "What is the pass key?"}], "max_tokens": 8,
+            "temperature": 0, "kvlab": {"document_id": document_id}}
+    with httpx.Client(base_url=url, timeout=60) as client:
+        while time.monotonic() < stop_at:
+            started = time.perf_counter()
+            response = client.post("/v1/chat/completions", json=body)
+            if response.status_code == 200:
+                latencies.append(time.perf_counter() - started)
+            elif response.status_code == 429 and "retry-after" in response.headers:
+                time.sleep(float(response.headers["retry-after"]))
+            else:
+                failures.append(f"{response.status_code} {response.text[:120]}")
+
+
+def hostile_client(kind: str, url: str, model: str, document_id: str, stop_at: float, answers: list) -> None:
+    huge_prompt = "x" * 14_000_000
+    with httpx.Client(base_url=url, timeout=60) as client:
+        while time.monotonic() < stop_at:
+            try:
+                if kind == "huge_stop":
+                    response = client.post("/v1/chat/completions", json={
+                        "model": model, "messages": [{"role": "user", "content": "hi"}], "stop": "a" * 1_000_000})
+                elif kind == "huge_prompt":
+                    response = client.post("/v1/completions", json={"model": model, "prompt": huge_prompt})
+                elif kind == "abandoned_upload":
+                    text = f"{time.monotonic()} " + "word " * 700  # new text each time: never found in the store
+                    response = httpx.post(f"{url}/v1/documents", json={"text": text}, timeout=0.2)
+                else:
+                    response = client.get(f"/v1/documents/{document_id}")
+                answers.append((kind, response.status_code))
+            except httpx.TimeoutException:
+                answers.append((kind, "abandoned"))
+            time.sleep(0.05)
+
+
+def phase(url: str, model: str, document_id: str, seconds: float, hostile: bool) -> dict:
+    stop_at = time.monotonic() + seconds
+    latencies: list[float] = []
+    failures: list[str] = []
+    answers: list = []
+    threads = [threading.Thread(target=normal_client, args=(url, model, document_id, stop_at, latencies, failures))
+               for _ in range(NORMAL_CLIENTS)]
+    if hostile:
+        threads += [threading.Thread(target=hostile_client, args=(kind, url, model, document_id, stop_at, answers))
+                    for kind in ("huge_stop", "huge_prompt", "abandoned_upload", "concurrent_get")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    p95 = statistics.quantiles(latencies, n=20)[-1] if len(latencies) >= 2 else float("nan")
+    hostile_answers: dict[str, dict[str, int]] = {}
+    for kind, status in answers:
+        hostile_answers.setdefault(kind, {}).setdefault(str(status), 0)
+        hostile_answers[kind][str(status)] += 1
+    return {"requests": len(latencies), "failures": len(failures), "failure_examples": failures[:5],
+            "p95_s": round(p95, 4), "hostile_answers": hostile_answers}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny-llama")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each phase (default: %(default)s)")
+    parser.add_argument("--out", default="benchmarks/results/server_abuse.json")
+    args = parser.parse_args()
+
+    store = Path(tempfile.mkdtemp(prefix="kvlab-abuse-"))
+    app = create_app(Settings(model=args.model, store_root=store, request_timeout_s=60, max_queue=8))
+    state = app.state.kvlab
+    with serve_in_background(app) as url:
+        document_id = httpx.post(f"{url}/v1/documents", json={"text": DOCUMENT}, timeout=120).json()["id"]
+        entries_before = len(state.store.list())
+        calm = phase(url, args.model, document_id, args.seconds, hostile=False)
+        abused = phase(url, args.model, document_id, args.seconds, hostile=True)
+        state.worker.stop(timeout_s=30)
+        written = len(state.store.list()) - entries_before
+    created = state.metrics.value("kvlab_documents_created_total") - 1
+    result = {
+        "conditions": {"model": args.model, "fingerprint": state.fingerprint, "seconds_per_phase": args.seconds,
+                       "normal_clients": NORMAL_CLIENTS, "hostile_clients": 4, "python": platform.python_version(),
+                       "machine": platform.machine(), "git_hash": _git_hash()},
+        "calm": calm, "abused": abused,
+        "p95_ratio": round(abused["p95_s"] / calm["p95_s"], 3) if calm["p95_s"] else None,
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "store_entries_written_by_hostile_uploads": written, "documents_created_counted": created,
+    }
+    print(f"normal clients: calm {calm['requests']} requests, p95 {calm['p95_s']} s, {calm['failures']} failures; "
+          f"abused {abused['requests']} requests, p95 {abused['p95_s']} s, {abused['failures']} failures "
+          f"(p95 ratio {result['p95_ratio']})")
+    print(f"peak RSS {result['peak_rss_mib']} MiB; store entries written by abandoned uploads: {written} "
+          f"(documents counted as created: {created})")
+    print(f"hostile answers: {abused['hostile_answers']}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _git_hash() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()
