@@ -112,10 +112,11 @@ class Engine:
                 f"window; shorten the document or lower --max-new-tokens (or pass --force to run past the window)")
 
     def prefill(self, token_ids: torch.Tensor, request: ObservationRequest = ObservationRequest(),
-                progress: bool = False) -> PrefillResult:
+                progress: bool = False, check: Callable[[], None] | None = None) -> PrefillResult:
+        """``check`` runs before every forward pass (prefill chunks, probes' replays) and may raise to cancel."""
         return prefill(self.model, self.layout, token_ids, request=request, chunk_tokens=self.chunk_tokens,
                        progress=progress, question_ids=self.question_ids, decode=self.tokenizer.decode,
-                       model_fingerprint=self.loaded.fingerprint)
+                       model_fingerprint=self.loaded.fingerprint, check=check)
 
     def compress(self, result: PrefillResult, policy: Policy, *, ratio: float | None = None,
                  budget_tokens: int | None = None,

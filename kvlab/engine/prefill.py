@@ -37,12 +37,14 @@ def empty_cache(model, layout: list[LayerSpec]) -> KVCache:
 def prefill(model, layout: list[LayerSpec], token_ids: torch.Tensor, *,
             request: ObservationRequest = ObservationRequest(), chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
             progress: bool = False, question_ids: Callable[[str], torch.Tensor] | None = None,
-            decode: Callable[[list[int]], str] | None = None, model_fingerprint: str | None = None) -> PrefillResult:
+            decode: Callable[[list[int]], str] | None = None, model_fingerprint: str | None = None,
+            check: Callable[[], None] | None = None) -> PrefillResult:
     """Prefill ``token_ids`` (1-D) from an empty cache in chunks of ``chunk_tokens``.
 
     Only the last position's logits are computed. Observations cover the whole prefix: the window is its last
     ``request.window_tokens`` tokens. Probes that replay (``cache.observations.Replay``) format their prompts with
-    ``question_ids`` and ``decode`` (the tokenizer's); without them they get no replay.
+    ``question_ids`` and ``decode`` (the tokenizer's); without them they get no replay. ``check`` runs before every
+    forward pass (prefill chunks and replays) and may raise to cancel.
     """
     started = time.perf_counter()
     cache = empty_cache(model, layout)
@@ -55,6 +57,8 @@ def prefill(model, layout: list[LayerSpec], token_ids: torch.Tensor, *,
     starts = range(0, int(token_ids.numel()), chunk_tokens)
     bar = tqdm(total=int(token_ids.numel()), unit="tok", desc="prefill", disable=not progress, leave=False)
     for start in starts:
+        if check is not None:
+            check()
         chunk = token_ids[start:start + chunk_tokens]
         is_last = start + chunk_tokens >= token_ids.numel()
         logits = runner.feed(chunk, observer=recorder if wants_observations else None,
@@ -68,6 +72,8 @@ def prefill(model, layout: list[LayerSpec], token_ids: torch.Tensor, *,
         def feed_fork(fork: KVCache, ids: torch.Tensor, observer: AttentionObserver) -> None:
             fork_runner, watch = ModelRunner(model, fork), dispatch_full_layers(observer)
             for begin in range(0, int(ids.numel()), chunk_tokens):
+                if check is not None:
+                    check()
                 fork_runner.feed(ids[begin:begin + chunk_tokens], observer=watch, logits_to_keep=0)
 
         replay = ForkReplay(feed_fork, cache, token_ids, 0, question_ids, decode)

@@ -7,13 +7,11 @@ instead of recomputing it.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import re
 import shutil
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,8 +99,7 @@ def compress_document(engine: Engine, text: str, policy: Policy, *, ratio: float
             return _describe(found, key, True, loaded.meta, loaded.cache.kept_tokens(), loaded.file_bytes, 0.0, 0.0)
         except (CorruptCacheError, MissingCacheFileError, CacheMismatchError):
             pass  # damaged, removed meanwhile or not this entry: compute it again and replace it
-    with _checked_forwards(engine.model, check):
-        result = engine.prefill(prefix_ids, policy.observation_request(), progress=progress)
+    result = engine.prefill(prefix_ids, policy.observation_request(), progress=progress, check=check)
     cache, budget, compress_s = engine.compress(result, policy, budget_tokens=budget)
     full_bytes, last_logits, prefill_s = result.cache.held_bytes, result.last_logits, result.seconds
     del result  # the full cache is freed before the file is written
@@ -124,26 +121,6 @@ def compress_document(engine: Engine, text: str, policy: Policy, *, ratio: float
 
     path = store.put(key, write)
     return _describe(path, key, False, meta, cache.kept_tokens(), path.stat().st_size, prefill_s, compress_s)
-
-
-@contextlib.contextmanager
-def _checked_forwards(model, check: Callable[[], None] | None) -> Iterator[None]:
-    """Run ``check`` before each forward pass of ``model`` made by this thread (prefill chunks and replays), through
-    a pre-hook removed on exit; passes on other threads (another server on the same model) are not affected."""
-    if check is None:
-        yield
-        return
-    thread = threading.get_ident()
-
-    def hook(module, args) -> None:
-        if threading.get_ident() == thread:
-            check()
-
-    handle = model.register_forward_pre_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def _describe(path: Path, key: str, from_store: bool, meta: CacheMeta, kept_tokens: float, file_bytes: int,
