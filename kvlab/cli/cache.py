@@ -40,14 +40,16 @@ def run(args: argparse.Namespace) -> int:
         entry = store.remove(args.key)
         print(f"removed {entry.key[:12]} ({format_mib(entry.size_bytes)})")
         return 0
-    removed = store.gc(parse_size(args.max_size, require_unit=True), dry_run=args.dry_run)
+    report = store.gc(parse_size(args.max_size, require_unit=True), dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
     if args.dry_run:
-        for entry in removed:
+        for entry in report.removed:
             print(f"would remove {entry.key[:12]}  {format_mib(entry.size_bytes):>10}")
-        left = store.total_bytes() - sum(entry.size_bytes for entry in removed)
-        print(f"would remove {len(removed)} caches ({format_mib(sum(e.size_bytes for e in removed))}); "
-              f"{format_mib(left)} would be left in {store.root}")
-        return 0
-    print(f"removed {len(removed)} caches ({format_mib(sum(e.size_bytes for e in removed))}); "
-          f"{format_mib(store.total_bytes())} left in {store.root}")
+    for entry in report.in_use:
+        print(f"skipped {entry.key[:12]}  {format_mib(entry.size_bytes):>10}  in use by another process (being "
+              f"loaded or written); run gc again later")
+    left = store.total_bytes() - (report.removed_bytes if args.dry_run else 0)
+    print(f"{verb} {len(report.removed)} caches ({format_mib(report.removed_bytes)}); {format_mib(left)} "
+          f"{'would be ' if args.dry_run else ''}left in {store.root}"
+          f"{f'; {len(report.in_use)} in use were skipped' if report.in_use else ''}")
     return 0

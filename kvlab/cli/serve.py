@@ -24,6 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="KV bytes kept for documents and conversation prefixes (default: %(default)s)")
     parser.add_argument("--max-document-tokens", type=int, default=None,
                         help="longest document POST /v1/documents may store, in tokens (default: the model's window)")
+    parser.add_argument("--max-store-size", default=None,
+                        help="quota: a document POST that would take the store past this size (with a unit, e.g. "
+                             "2GB) gets 507 and stores nothing; nothing is evicted (default: no quota)")
+    parser.add_argument("--max-store-documents", type=int, default=None,
+                        help="quota: a document POST that would take the store past this many entries gets 507 "
+                             "(default: no limit)")
     guard = parser.add_argument_group("access (see README, Serving)")
     guard.add_argument("--api-key", default=None,
                        help="require 'Authorization: Bearer KEY' on every route but /health (default: "
@@ -79,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
                         default_max_tokens=args.max_tokens, session_cache_bytes=parse_size(args.session_cache,
                                                                                       require_unit=True),
                         max_document_tokens=args.max_document_tokens,
+                        max_store_bytes=(None if args.max_store_size is None
+                                         else parse_size(args.max_store_size, require_unit=True)),
+                        max_store_documents=args.max_store_documents,
                         api_key=args.api_key or os.environ.get("KVLAB_API_KEY") or None,
                         metrics_public=args.metrics_public, allowed_hosts=hosts)
     config = uvicorn_config(None, args.host, args.port, log_level=args.log_level, read_timeout_s=args.read_timeout,

@@ -43,8 +43,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app = FastAPI(title="kvlab", summary="OpenAI-compatible server with compressed document caches",
                   lifespan=lifespan)
     app.state.kvlab = state
-    root = state.store.root
-    install_error_handlers(app, request_field_names(), [str(root), str(root.resolve())])
+    install_error_handlers(app, request_field_names(), state.private_roots)
     app.include_router(completions.router)
     app.include_router(documents.router)
     app.add_api_route("/v1/models", list_models, methods=["GET"], response_model=ModelList)
@@ -110,7 +109,9 @@ class LimitBody:
 
 
 class CountRequests:
-    """``kvlab_requests_total{route, status}``; the route is the path template, so ids do not make new series."""
+    """``kvlab_requests_total{route, status}``; the route is the path template, so ids do not make new series. A
+    client that went away before the whole answer was sent counts as status 499 (nginx's "client closed request"),
+    whatever the app answered to the closed connection (a body cut short reads as 400, a cancelled job as 503)."""
 
     def __init__(self, app, state: ServerState) -> None:
         self.app, self.state = app, state
@@ -118,17 +119,27 @@ class CountRequests:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = 500
+        status, answered, gone = 500, False, False
+
+        async def watching_receive():
+            nonlocal gone
+            event = await receive()
+            if event["type"] == "http.disconnect" and not answered:
+                gone = True
+            return event
 
         async def recording_send(event):
-            nonlocal status
+            nonlocal status, answered
             if event["type"] == "http.response.start":
                 status = event["status"]
+            elif event["type"] == "http.response.body" and not event.get("more_body", False):
+                answered = True
             await send(event)
 
         try:
-            await self.app(scope, receive, recording_send)
+            await self.app(scope, watching_receive, recording_send)
         finally:
+            status = 499 if gone else status
             route = scope.get("route")
             path = getattr(route, "path", None) or "other"
             self.state.metrics.inc("kvlab_requests_total", route=path, status=str(status))

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from kvlab.engine import compression
 from kvlab.engine.sampling import SamplingConfig
-from kvlab.server.errors import ApiError, error_body
+from kvlab.server.errors import ApiError, error_body, redact
 from kvlab.server.generation import Options, Result, generate
 from kvlab.server.library import document_path
 from kvlab.server.prompts import Prompt, chat_token_ids, completion_token_ids, document_chat_token_ids
@@ -89,13 +89,7 @@ async def completions(body: CompletionRequest, request: Request):
 async def _respond(state: ServerState, request: Request, body, prompt: Callable[[], Prompt], kind: str):
     submitted = time.monotonic()
     options = Options(body.max_new_tokens, sampling_for(body), body.stop_strings, body.kvlab.ignore_eos)
-    try:
-        job = state.worker.submit(lambda job: generate(state, job, prompt(), options, submitted),
-                                  state.settings.request_timeout_s)
-    except ApiError as error:
-        if error.status == 429:
-            state.metrics.inc("kvlab_rejected_requests_total")
-        raise
+    job = state.submit(lambda job: generate(state, job, prompt(), options, submitted), kind="generation")
     shape = Shape(kind, f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{secrets.token_hex(12)}",
                   int(time.time()), state.model_id, f"fp_{state.fingerprint[:12]}")
     if not body.stream:
@@ -112,12 +106,16 @@ async def _respond(state: ServerState, request: Request, body, prompt: Callable[
         raise
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     start = cast(dict, payload)  # the "start" event carries the prompt's token counts
-    return StreamingResponse(_stream(listener, shape, include_usage), media_type="text/event-stream",
+    return StreamingResponse(_stream(listener, shape, include_usage, state.private_roots),
+                             media_type="text/event-stream",
                              headers={**_headers(start["prompt_tokens"], start["cached_tokens"]),
                                       "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _stream(listener: Listener, shape: Shape, include_usage: bool) -> AsyncIterator[str]:
+async def _stream(listener: Listener, shape: Shape, include_usage: bool,
+                  private_roots: list[str]) -> AsyncIterator[str]:
+    """The SSE events of one streamed answer; an error after the first event is sent as an error event, its message
+    scrubbed of ``private_roots`` as the error handlers scrub bodies."""
     try:
         if shape.chat:  # OpenAI opens a chat stream with the role; a completion stream starts with text
             yield _sse(shape.chunk(first=True, include_usage=include_usage))
@@ -125,7 +123,7 @@ async def _stream(listener: Listener, shape: Shape, include_usage: bool) -> Asyn
             try:
                 event, payload = await listener.next()
             except ApiError as error:
-                yield _sse(error_body(error.message, error.type, error.param, error.code))
+                yield _sse(error_body(redact(error.message, private_roots), error.type, error.param, error.code))
                 return
             if event == "delta":
                 yield _sse(shape.chunk(text=cast(str, payload), include_usage=include_usage))

@@ -3,9 +3,10 @@
 kvlab's own errors are raised where they happen and translated here, once: a bad parameter is 400, an unknown model
 or document 404, a cache file made for another model or damaged 409, a prompt beyond the model's window 400 with
 code ``context_length_exceeded``, a body over the size limit 413, a full queue 429 with ``Retry-After``, a request
-past its timeout 504, a store that cannot be written 503 (read-only) or 507 (full). Anything else is 500 with a
-generic message and a request id; the traceback goes to the server's log, never into the body. Bodies never show
-the server's paths: the store folder is replaced by ``<store>`` (``redact``).
+past its timeout 504, a store that cannot be written 503 (read-only) or 507 (full, or past the server's quota), a
+document another process is loading or writing when it is to be deleted 409 ``document_in_use``. Anything else is
+500 with a generic message and a request id; the traceback goes to the server's log, never into the body. Bodies
+never show the server's paths: the store folder is replaced by ``<store>`` (``redact``), in streamed errors too.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from kvlab.errors import (
     UnknownNameError,
     UnknownPolicyError,
 )
-from kvlab.store.store import StoreWriteError
+from kvlab.store.store import EntryInUseError, StoreWriteError
 
 log = logging.getLogger("kvlab.server")
 PATH_END = r"[^\s,;:()'\"]*"  # a path ends at a space, punctuation or a quote
@@ -92,6 +93,8 @@ def api_error_for(error: BaseException) -> ApiError:
         if error.reason == "full":
             return ApiError(507, message, type="server_error", code="store_full")
         return internal_error(error)
+    if isinstance(error, EntryInUseError):
+        return ApiError(409, message, code="document_in_use", headers={"Retry-After": "1"})
     if isinstance(error, CacheMismatchError):
         return ApiError(409, message, code="cache_mismatch")
     if isinstance(error, CacheFileError):

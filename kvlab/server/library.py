@@ -8,13 +8,20 @@ Every read checks that the file's metadata is what the id was derived from (a fi
 
 Documents the server creates carry ``origin: "server"`` in their metadata; only those, made for this server's model,
 can be deleted over HTTP (the CLI's entries and other models' are refused).
+
+Files are read under the store's shared lock (``CacheStore.reading``), so `kvlab cache rm|gc` in another process
+skips them meanwhile; one removed before the lock was taken is a 404. ``--max-store-size`` and
+``--max-store-documents`` are a quota: a POST that would take the store past either gets 507 ``store_quota_exceeded``
+and writes nothing (nothing is evicted to make room: the operator decides with `kvlab cache gc`). The quota is
+checked before the prefill and again with the new file's size before it is committed; other processes writing to
+the same store meanwhile can take it past the quota by their own files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from kvlab.engine.conversation import CompressionRule
@@ -52,22 +59,30 @@ def document_path(state: ServerState, document_id: str, param: str | None = None
     return path
 
 
+@contextlib.contextmanager
+def reading(state: ServerState, document_id: str, param: str | None = None) -> Iterator[Path]:
+    """``document_path`` held under the store's shared lock, so no other process removes it meanwhile."""
+    if not _KEY.fullmatch(document_id):
+        raise not_found(document_id, param)
+    with state.store.reading(document_id) as path:
+        if path is None:
+            state.sessions.drop_document(document_id)  # removed by `kvlab cache rm|gc`: gone from memory too
+            raise not_found(document_id, param)
+        yield path
+
+
 def document_meta(state: ServerState, document_id: str) -> tuple[CacheMeta, int]:
     """A document's metadata and file size, reading the header only; 404 unless it is one of this model's
     documents, 409 when the file under the id is not that document."""
     from kvlab.store.format import read_meta
     from kvlab.store.store import check_key
 
-    path = document_path(state, document_id)
-    with about(path, document_id):
+    with reading(state, document_id) as path, about(path, document_id):
         meta = read_meta(path)
         check_key(document_id, meta)
+        size = path.stat().st_size
     if meta.model_fingerprint != state.fingerprint or meta.query_aware:
         raise not_found(document_id)
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise not_found(document_id) from None
     return meta, size
 
 
@@ -89,8 +104,7 @@ def load_into_sessions(state: ServerState, document_id: str) -> Entry:
     from kvlab.store.documents import open_document
     from kvlab.store.store import check_key
 
-    path = document_path(state, document_id, "kvlab.document_id")
-    with about(path, document_id):
+    with reading(state, document_id, "kvlab.document_id") as path, about(path, document_id):
         loaded = open_document(state.engine, str(path))
         check_key(document_id, loaded.meta)
     state.metrics.inc("kvlab_document_loads_total")
@@ -130,7 +144,6 @@ def create(state: ServerState, body: DocumentRequest, check=None) -> tuple[Docum
     from kvlab.cache.quant import QuantizationParams
     from kvlab.policies import make_policy
     from kvlab.store.documents import compress_document
-    from kvlab.store.format import read_meta
 
     settings, engine = state.settings, state.engine
     name = body.policy or settings.policy
@@ -150,13 +163,37 @@ def create(state: ServerState, body: DocumentRequest, check=None) -> tuple[Docum
     document = compress_document(engine, body.text, policy, store=state.store, quantization=quantization,
                                  ratio=settings.document_ratio(name, body.ratio, body.budget_tokens),
                                  budget_tokens=settings.document_budget(name, body.ratio, body.budget_tokens),
-                                 check=check, extra={"origin": ORIGIN})
+                                 check=check, extra={"origin": ORIGIN}, admit=quota(state))
     if not document.from_store:
         state.metrics.inc("kvlab_documents_created_total")
-    with about(document.path, document.key):
-        meta = read_meta(document.path)
-    return describe(document.key, meta, document.file_bytes, kept_tokens=document.kept_tokens,
+    return describe(document.key, document.meta, document.file_bytes, kept_tokens=document.kept_tokens,
                     prefill_s=document.prefill_s, compress_s=document.compress_s), not document.from_store
+
+
+def quota(state: ServerState) -> Callable[[int], None] | None:
+    """The ``admit`` hook of ``compress_document`` enforcing ``--max-store-size`` and ``--max-store-documents``:
+    507 ``store_quota_exceeded`` when storing ``new_bytes`` more would pass either."""
+    settings = state.settings
+    if settings.max_store_bytes is None and settings.max_store_documents is None:
+        return None
+
+    def admit(new_bytes: int) -> None:
+        count, total = state.store.usage()
+        if settings.max_store_documents is not None and count + 1 > settings.max_store_documents:
+            raise quota_error(f"the store holds {count} documents, this server's limit "
+                              f"(--max-store-documents {settings.max_store_documents})")
+        if settings.max_store_bytes is not None and total + max(new_bytes, 1) > settings.max_store_bytes:
+            size = f"this document's {new_bytes} bytes" if new_bytes else "another document"
+            raise quota_error(f"the store holds {total} bytes; {size} would pass this server's limit of "
+                              f"{settings.max_store_bytes} bytes (--max-store-size)")
+
+    return admit
+
+
+def quota_error(reason: str) -> ApiError:
+    return ApiError(507, f"cannot store the document: {reason}; delete documents (DELETE /v1/documents/{{id}}) or "
+                         f"ask the operator to run `kvlab cache gc` or raise the limit", type="server_error",
+                    code="store_quota_exceeded")
 
 
 def kept_tokens(state: ServerState, document_id: str, meta: CacheMeta) -> float | None:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 COUNTERS = {
-    "kvlab_requests_total": "HTTP requests answered, by route and status code",
+    "kvlab_requests_total": "HTTP requests by route and status code; 499: the client went away before the answer",
     "kvlab_prompt_tokens_total": "prompt tokens of completed generations (document tokens included)",
     "kvlab_prefilled_tokens_total": "prompt tokens run through the model (the rest came from cached prefixes)",
     "kvlab_cached_prompt_tokens_total": "prompt tokens served from a document or prefix cache",
@@ -24,8 +24,11 @@ COUNTERS = {
     "kvlab_prefix_cache_misses_total": "generations prefilled from scratch",
     "kvlab_document_loads_total": "document caches read from the store into memory",
     "kvlab_documents_created_total": "documents prefilled, compressed and stored",
-    "kvlab_generations_cancelled_total": "jobs stopped early, by reason (disconnect, timeout, shutdown)",
-    "kvlab_rejected_requests_total": "requests refused with 429 because the queue was full",
+    "kvlab_generations_cancelled_total": "generations stopped early, by reason (disconnect, timeout, shutdown)",
+    "kvlab_uploads_abandoned_total": "document uploads stopped before storing, by reason (disconnect, timeout, "
+                                     "shutdown); they write and count nothing else",
+    "kvlab_rejected_requests_total": "requests refused with 429 because the queue was full, by kind (generation, "
+                                     "document)",
 }
 
 

@@ -35,6 +35,8 @@ class Settings:
     session_cache_entries: int = 64  # and at most this many cached prefixes
     chunk_tokens: int = 512  # prefill chunk; cancellation and timeouts are checked between chunks
     max_document_tokens: int | None = None  # longest document a POST may store (tokens); None: the model's window
+    max_store_bytes: int | None = None  # a POST that would take the store past this many bytes gets 507; None: no quota
+    max_store_documents: int | None = None  # and past this many entries (all of the store's files); None: no limit
     api_key: str | None = None  # when set, every route but /health needs "Authorization: Bearer KEY"
     metrics_public: bool = False  # /metrics without the key
     allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS  # Host header values answered (DNS rebinding); "*": any
@@ -53,6 +55,10 @@ class Settings:
             (bool(self.allowed_hosts), "allowed_hosts must name at least one host (or '*' for any)"),
             (self.max_document_tokens is None or self.max_document_tokens >= 1,
              f"max_document_tokens must be >= 1 (got {self.max_document_tokens})"),
+            (self.max_store_bytes is None or self.max_store_bytes >= 0,
+             f"max_store_bytes must be >= 0 (got {self.max_store_bytes})"),
+            (self.max_store_documents is None or self.max_store_documents >= 0,
+             f"max_store_documents must be >= 0 (got {self.max_store_documents})"),
             (self.ratio is None or 0 <= self.ratio < 1, f"ratio must be in [0, 1) (got {self.ratio})"),
             (self.ratio is None or self.budget_tokens is None, "give either a ratio or a budget, not both"),
             (self.kv_quant in (None, *SCHEME_BITS), f"kv_quant must be one of {', '.join(SCHEME_BITS)} "

@@ -4,6 +4,7 @@ and the worker that runs model work."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvlab.engine import Engine
@@ -11,7 +12,7 @@ from kvlab.server.errors import ApiError
 from kvlab.server.metrics import Metrics
 from kvlab.server.sessions import PrefixCache
 from kvlab.server.settings import MAX_CHARS_PER_TOKEN, Settings
-from kvlab.server.worker import Worker
+from kvlab.server.worker import Job, Worker
 from kvlab.store.store import CacheStore
 
 
@@ -34,6 +35,11 @@ class ServerState:
         return self.engine.loaded.max_context_tokens
 
     @property
+    def private_roots(self) -> list[str]:
+        """Server folders that error bodies must not show (the store, as given and resolved)."""
+        return [str(self.store.root), str(self.store.root.resolve())]
+
+    @property
     def fingerprint(self) -> str:
         return self.engine.loaded.fingerprint
 
@@ -43,6 +49,16 @@ class ServerState:
             raise ApiError(404, f"the model {model!r} does not exist on this server; it serves {self.model_id!r} "
                                 f"(GET /v1/models)", param="model", code="model_not_found")
 
+
+    def submit(self, fn: Callable[[Job], object], kind: str) -> Job:
+        """Queue ``fn`` on the worker with the request timeout; a full queue is a 429, counted in
+        ``kvlab_rejected_requests_total{kind}`` (``kind``: "generation" or "document")."""
+        try:
+            return self.worker.submit(fn, self.settings.request_timeout_s, kind=kind)
+        except ApiError as error:
+            if error.status == 429:
+                self.metrics.inc("kvlab_rejected_requests_total", kind=kind)
+            raise
 
     @property
     def max_document_tokens(self) -> int:
@@ -69,8 +85,11 @@ def build_state(settings: Settings, engine: Engine | None = None) -> ServerState
                         chunk_tokens=settings.chunk_tokens)
     metrics = Metrics()
     sessions = PrefixCache(settings.session_cache_bytes, settings.session_cache_entries)
-    worker = Worker(engine.model, settings.max_queue,
-                    on_cancel=lambda reason: metrics.inc("kvlab_generations_cancelled_total", reason=reason))
+    def cancelled(reason: str, kind: str) -> None:
+        name = "kvlab_uploads_abandoned_total" if kind == "document" else "kvlab_generations_cancelled_total"
+        metrics.inc(name, reason=reason)
+
+    worker = Worker(engine.model, settings.max_queue, on_cancel=cancelled)
     state = ServerState(settings, engine, CacheStore(settings.store_root), sessions, metrics, worker)
     metrics.gauge("kvlab_kv_bytes_held", "KV bytes held by the prefix cache (documents and conversations)",
                   lambda: sessions.kv_bytes)

@@ -50,8 +50,9 @@ class Job:
     """One request's work. ``deadline`` is on the ``time.monotonic`` clock."""
 
     def __init__(self, fn: Callable[[Job], object], timeout_s: float,
-                 loop: asyncio.AbstractEventLoop | None) -> None:
+                 loop: asyncio.AbstractEventLoop | None, kind: str = "generation") -> None:
         self.fn = fn
+        self.kind = kind  # "generation" or "document" (an upload): metrics count their cancellations apart
         self.timeout_s = timeout_s
         self.deadline = time.monotonic() + timeout_s
         self.events: asyncio.Queue = asyncio.Queue()
@@ -98,7 +99,8 @@ class Job:
 class Worker:
     """Runs submitted jobs one at a time on a daemon thread; at most ``max_queue`` wait behind the running one."""
 
-    def __init__(self, model, max_queue: int, on_cancel: Callable[[str], None] = lambda reason: None) -> None:
+    def __init__(self, model, max_queue: int,
+                 on_cancel: Callable[[str, str], None] = lambda reason, kind: None) -> None:
         self.max_queue = max_queue
         self._on_cancel = on_cancel
         self._waiting: collections.deque[Job] = collections.deque()
@@ -123,14 +125,15 @@ class Worker:
         if self._thread.is_alive():
             self._thread.join(timeout_s)
 
-    def submit(self, fn: Callable[[Job], object], timeout_s: float) -> Job:
+    def submit(self, fn: Callable[[Job], object], timeout_s: float, kind: str = "generation") -> Job:
         """Queue ``fn``; raises the 429 ApiError when ``max_queue`` jobs are already waiting. Called from a
-        coroutine, its events go to that coroutine's loop; from a plain thread they are dropped."""
+        coroutine, its events go to that coroutine's loop; from a plain thread they are dropped. ``kind`` is
+        passed to ``on_cancel`` with the reason when the job is cancelled."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        job = Job(fn, timeout_s, loop)
+        job = Job(fn, timeout_s, loop, kind)
         with self._condition:
             if self._stopping:
                 raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
@@ -153,7 +156,7 @@ class Worker:
         for job in abandoned:
             reason = job.cancel_reason or "cancelled"
             job.finished = True
-            self._on_cancel(reason)
+            self._on_cancel(reason, job.kind)
             job.emit("error", Cancelled(reason))
 
     @property
@@ -191,7 +194,7 @@ class Worker:
             job.finished = True
             job.emit("done", result)
         except Cancelled as cancelled:
-            self._on_cancel(cancelled.reason)
+            self._on_cancel(cancelled.reason, job.kind)
             job.emit("error", cancelled)
         except BaseException as error:  # reported to the request; the worker keeps serving
             job.emit("error", error)

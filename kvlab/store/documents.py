@@ -2,7 +2,8 @@
 
 Documents are compressed query-agnostically (the question is not known yet) and go through the content-addressed
 store, so compressing the same text with the same model, policy, parameters and quantization again finds the file
-instead of recomputing it.
+instead of recomputing it. Stored files are read under the store's shared lock and written under its exclusive one,
+so `kvlab cache rm|gc` in another process never deletes a file while it is loaded or written here.
 """
 
 from __future__ import annotations
@@ -66,39 +67,47 @@ class CompressedDocument:
     file_bytes: int
     prefill_s: float
     compress_s: float
+    meta: CacheMeta  # the file's metadata (payload checksum aside), so callers need not read the file again
 
 
 def document_key(engine: Engine, text: str, policy: Policy, ratio: float | None, budget_tokens: int,
                  quantization: QuantizationParams | None) -> str:
-    """The store key: model, text, policy and parameters, ratio, resolved budget (tokens) and quantization."""
+    """The store key: model, text, policy and parameters, resolved budget (tokens) and quantization. ``ratio`` is
+    not part of it (only the budget it resolves to determines the cache; see ``kvlab.store.store``)."""
     return key_for(model_fingerprint=engine.loaded.fingerprint, text_sha256=hashlib.sha256(text.encode()).hexdigest(),
-                   policy=policy.name, policy_params=policy.params(), ratio=ratio, budget_tokens=budget_tokens,
+                   policy=policy.name, policy_params=policy.params(), ratio=None, budget_tokens=budget_tokens,
                    query_aware=False, quantization=quantization)
 
 
 def compress_document(engine: Engine, text: str, policy: Policy, *, ratio: float | None = None,
                       budget_tokens: int | None = None, quantization: QuantizationParams | None = None,
                       store: CacheStore | None = None, force: bool = False, progress: bool = False,
-                      check: Callable[[], None] | None = None, extra: dict | None = None) -> CompressedDocument:
+                      check: Callable[[], None] | None = None, extra: dict | None = None,
+                      admit: Callable[[int], None] | None = None) -> CompressedDocument:
     """Prefill ``text``, compress it with ``policy`` (and quantize), and keep it in ``store``; reuse a stored copy.
 
     ``check`` runs before every forward pass of the prefill and once more before the file is committed; it may raise
-    to cancel, and then nothing is written. ``extra`` is added to the new file's metadata (not to its key)."""
+    to cancel, and then nothing is written. ``admit`` (a quota) is called with 0 before the prefill of a text that is
+    not stored yet and with the new file's size in bytes before it is committed; it may raise to refuse, and then
+    nothing is written. ``extra`` is added to the new file's metadata (not to its key)."""
     store = store or CacheStore()
     prefix_ids = engine.prompt(text, "").prefix_ids
     context_tokens = int(prefix_ids.numel())
     engine.check_length(context_tokens + 1, force=force)
     budget = resolve_budget(ratio, budget_tokens, context_tokens)  # bad arguments fail before the slow prefill
     key = document_key(engine, text, policy, ratio, budget, quantization)
-    found = store.get(key)
-    if found is not None:
-        try:
-            # a full load, not just the header: a damaged payload must be recomputed here, not found again
-            loaded = load_cache(found, expected_model_fingerprint=engine.loaded.fingerprint)
-            check_key(key, loaded.meta)
-            return _describe(found, key, True, loaded.meta, loaded.cache.kept_tokens(), loaded.file_bytes, 0.0, 0.0)
-        except (CorruptCacheError, MissingCacheFileError, CacheMismatchError):
-            pass  # damaged, removed meanwhile or not this entry: compute it again and replace it
+    with store.reading(key) as found:  # `cache rm|gc` cannot remove it while it loads
+        if found is not None:
+            try:
+                # a full load, not just the header: a damaged payload must be recomputed here, not found again
+                loaded = load_cache(found, expected_model_fingerprint=engine.loaded.fingerprint)
+                check_key(key, loaded.meta)
+                return _describe(found, key, True, loaded.meta, loaded.cache.kept_tokens(), loaded.file_bytes, 0.0,
+                                 0.0)
+            except (CorruptCacheError, MissingCacheFileError, CacheMismatchError):
+                pass  # damaged or not this entry: compute it again and replace it
+    if admit is not None:
+        admit(0)
     result = engine.prefill(prefix_ids, policy.observation_request(), progress=progress, check=check)
     cache, budget, compress_s = engine.compress(result, policy, budget_tokens=budget)
     full_bytes, last_logits, prefill_s = result.cache.held_bytes, result.last_logits, result.seconds
@@ -114,13 +123,17 @@ def compress_document(engine: Engine, text: str, policy: Policy, *, ratio: float
                            "prefill_s": prefill_s, "compress_s": compress_s, "turns": 0,
                            "pending_token_ids": [], "kept_tokens": cache.kept_tokens(), **(extra or {})})
 
+    written = {}
+
     def write(temporary: Path) -> None:
-        save_cache(temporary, stored, meta, last_logits)
+        written["bytes"] = save_cache(temporary, stored, meta, last_logits)
+        if admit is not None:
+            admit(written["bytes"])
         if check is not None:
             check()  # the last moment to cancel: the temporary file is removed and the entry never appears
 
-    path = store.put(key, write)
-    return _describe(path, key, False, meta, cache.kept_tokens(), path.stat().st_size, prefill_s, compress_s)
+    path = store.put(key, write)  # no stat afterwards: `cache gc` may already have removed the file
+    return _describe(path, key, False, meta, cache.kept_tokens(), written["bytes"], prefill_s, compress_s)
 
 
 def _describe(path: Path, key: str, from_store: bool, meta: CacheMeta, kept_tokens: float, file_bytes: int,
@@ -129,7 +142,7 @@ def _describe(path: Path, key: str, from_store: bool, meta: CacheMeta, kept_toke
                               kept_tokens=kept_tokens, kv_bytes_full=int(meta.extra.get("kv_bytes_full", 0)),
                               kv_bytes_kept=int(meta.extra.get("kv_bytes_kept", 0)),
                               kv_bytes_full_fp16=int(meta.extra.get("kv_bytes_full_fp16", 0)), file_bytes=file_bytes,
-                              prefill_s=prefill_s, compress_s=compress_s)
+                              prefill_s=prefill_s, compress_s=compress_s, meta=meta)
 
 
 def copy_out(source: Path, destination: str | Path) -> Path:
@@ -150,10 +163,18 @@ def open_document(engine: Engine, path_or_key: str, store: CacheStore | None = N
     file stays quantized in memory; ``kv_quant`` quantizes a plain file's cache in memory (a quantized file must
     then have been made with the same scheme)."""
     path = Path(path_or_key).expanduser()
-    key = None
     if not path.exists() and _KEY_PREFIX.fullmatch(path_or_key.strip()):
-        entry = (store or CacheStore()).find(path_or_key)
-        path, key = entry.path, entry.key
+        store = store or CacheStore()
+        key = store.find(path_or_key).key
+        with store.reading(key) as found:  # `cache rm|gc` cannot remove it while it loads
+            if found is None:
+                raise MissingCacheFileError(f"the cache entry {key[:12]}… was removed meanwhile; compress the "
+                                            f"document again")
+            return _open(engine, found, key, kv_quant)
+    return _open(engine, path, None, kv_quant)
+
+
+def _open(engine: Engine, path: Path, key: str | None, kv_quant: QuantizationParams | None) -> LoadedCache:
     started = time.perf_counter()
     loaded = load_cache(path, expected_model_fingerprint=engine.loaded.fingerprint,
                         expected_tokenizer_fingerprint=tokenizer_fingerprint(engine.tokenizer),

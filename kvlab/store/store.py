@@ -1,16 +1,22 @@
 """A content-addressed store of ``.kv`` files under the cache directory.
 
 An entry's key is the SHA-256 of what determines its contents (model fingerprint, text hash, policy and parameters,
-ratio, budget, query-awareness, quantization), so the same request finds the same file. Files live at
-``<root>/<key[:2]>/<key>.kv``. Writes are atomic; two processes writing one key both leave a complete file and the
-last rename wins. "Last used" is the file's mtime, set on every ``get``: atime is unreliable on noatime and
-relatime mounts. A store the process cannot write (read-only mount, no permission) still serves reads: the
-last-used update is skipped; writes and removals raise StoreWriteError, one line naming the cause.
+budget in tokens, query-awareness, quantization), so the same request finds the same file. The eviction ratio is not
+part of it: the budget it resolves to is what determines the cache (so a ratio of 0.50001 finds the 0.5 file when
+both keep the same tokens); files written before, keyed with their ratio too, stay readable under their keys.
+
+Files live at ``<root>/<key[:2]>/<key>.kv``. Writes are atomic; two processes writing one key both leave a complete
+file and the last rename wins. Per-entry locks between processes (``locks.py``) let ``reading`` hold an entry
+while it is loaded and ``put`` hold it while it is written; ``remove`` and ``gc`` never delete an entry held that
+way: they skip it and say so. "Last used" is the file's mtime, set on every ``get``: atime is unreliable on noatime
+and relatime mounts. A store the process cannot write (read-only mount, no permission) still serves reads (without
+locks when no lock file can be created there: nothing in it can be deleted by this process either); writes and
+removals raise StoreWriteError, one line naming the cause.
 """
 
 from __future__ import annotations
 
-import builtins
+import contextlib
 import errno
 import hashlib
 import json
@@ -18,8 +24,8 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvlab.cache.quant import QuantizationParams
@@ -27,6 +33,7 @@ from kvlab.errors import CacheFileError, CacheMismatchError, KvlabError, Paramet
 from kvlab.fileio import TEMP_SUFFIX, atomic_write, fsync_directory
 from kvlab.models.convert import cache_root
 from kvlab.store.format import FILE_SUFFIX, read_meta
+from kvlab.store.locks import LOCK_SUFFIX, WRITE_WAIT_S, Busy, hold
 from kvlab.store.meta import CacheMeta
 
 STALE_TEMP_SECONDS = 3600
@@ -46,6 +53,15 @@ class StoreWriteError(KvlabError, OSError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class EntryInUseError(KvlabError):
+    """Another process (or thread) is loading or writing the entry, so it is not removed now."""
+
+
+def in_use_error(key: str, doing: str) -> EntryInUseError:
+    return EntryInUseError(f"cannot {doing} {key[:12]}…: another process is loading or writing it; try again when "
+                           f"it has finished")
 
 
 def write_error(error: OSError, root: Path, doing: str) -> StoreWriteError:
@@ -86,16 +102,26 @@ def key_for(*, model_fingerprint: str, text_sha256: str, policy: str, policy_par
 
 
 def key_for_meta(meta: CacheMeta) -> str:
+    """The key ``meta``'s file is stored under: its budget, not its ratio (see the module docstring)."""
     return key_for(model_fingerprint=meta.model_fingerprint, text_sha256=meta.text_sha256, policy=meta.policy,
-                   policy_params=meta.policy_params, ratio=meta.ratio, budget_tokens=meta.budget_tokens,
+                   policy_params=meta.policy_params, ratio=None, budget_tokens=meta.budget_tokens,
                    query_aware=meta.query_aware, quantization=meta.quantization)
+
+
+def keys_for_meta(meta: CacheMeta) -> tuple[str, ...]:
+    """Every key ``meta``'s file may be stored under: ``key_for_meta``, and the key with the ratio that files written
+    before issue 14 were stored under. Both describe the same cache: the budget, not the ratio, determines it."""
+    legacy = key_for(model_fingerprint=meta.model_fingerprint, text_sha256=meta.text_sha256, policy=meta.policy,
+                     policy_params=meta.policy_params, ratio=meta.ratio, budget_tokens=meta.budget_tokens,
+                     query_aware=meta.query_aware, quantization=meta.quantization)
+    return (key_for_meta(meta), legacy)
 
 
 def check_key(key: str, meta: CacheMeta) -> None:
     """Raise CacheMismatchError unless ``meta`` is what ``key`` was derived from (text, model, policy and parameters,
-    ratio, budget, quantization): a file copied or renamed under another entry's key is never served as it."""
+    budget, quantization): a file copied or renamed under another entry's key is never served as it."""
     actual = key_for_meta(meta)
-    if actual != key:
+    if key not in keys_for_meta(meta):
         raise CacheMismatchError(f"the cache stored under key {key[:12]}… is not that entry: its metadata "
                                  f"({meta.model}, {meta.policy}, text {meta.text_sha256[:12]}…) belongs under key "
                                  f"{actual[:12]}… (the file was copied or renamed); remove it with `kvlab cache rm "
@@ -126,6 +152,19 @@ class StoreEntry:
                 "created_at": meta.created_at}
 
 
+@dataclass
+class GcReport:
+    """What ``gc`` did: entries ``removed`` (or that would be, with ``dry_run``) and entries it left because
+    another process was loading or writing them (``in_use``)."""
+
+    removed: list[StoreEntry] = field(default_factory=list)
+    in_use: list[StoreEntry] = field(default_factory=list)
+
+    @property
+    def removed_bytes(self) -> int:
+        return sum(entry.size_bytes for entry in self.removed)
+
+
 class CacheStore:
     """Files under ``root`` (default ``cache_root() / "kv"``, i.e. ``$KVLAB_CACHE_DIR/kv``)."""
 
@@ -136,8 +175,12 @@ class CacheStore:
         _check_key(key)
         return self.root / key[:2] / f"{key}{FILE_SUFFIX}"
 
+    def lock_path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}{LOCK_SUFFIX}"
+
     def get(self, key: str) -> Path | None:
-        """The entry's path (and mark it used now), or None."""
+        """The entry's path (and mark it used now), or None. Nothing stops another process from removing the file
+        right after: to read it, use ``reading``."""
         path = self.path_for(key)
         try:
             os.utime(path)
@@ -147,9 +190,28 @@ class CacheStore:
             return path if path.is_file() else None
         return path
 
+    @contextlib.contextmanager
+    def reading(self, key: str, wait_s: float = WRITE_WAIT_S) -> Iterator[Path | None]:
+        """The entry's path, marked used, while a shared lock keeps ``remove`` and ``gc`` (of any process) from
+        deleting it; None when there is no entry. Waits up to ``wait_s`` for a write of the same key to finish,
+        then raises EntryInUseError."""
+        path = self.path_for(key)
+        if not path.is_file():
+            yield None
+            return
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(hold(self.lock_path(key), exclusive=False, wait_s=wait_s))
+            except Busy:
+                raise in_use_error(key, "read") from None
+            except OSError:  # a read-only store: no lock file can be made, and this process cannot delete anything
+                pass
+            yield self.get(key)  # None when it was removed before the lock was taken
+
     def put(self, key: str, source: Path | str | Callable[[Path], object]) -> Path:
-        """Store a file under ``key``, atomically. ``source`` is a ``.kv`` file to copy in, or a function that
-        writes one at the path it is given (e.g. ``lambda path: save_cache(path, cache, meta)``).
+        """Store a file under ``key``, atomically, holding the entry's lock exclusively (waiting for readers of a
+        previous file under the key). ``source`` is a ``.kv`` file to copy in, or a function that writes one at the
+        path it is given (e.g. ``lambda path: save_cache(path, cache, meta)``).
 
         The file's metadata is verified and must hash to ``key`` (see ``key_for_meta``); raises CacheFileError or
         ParameterError, leaving the store unchanged.
@@ -164,13 +226,22 @@ class CacheStore:
                 source(temp)
             else:
                 shutil.copyfile(source, temp)
-            actual = key_for_meta(read_meta(temp))
-            if actual != key:
+            meta = read_meta(temp)
+            if key not in keys_for_meta(meta):
+                actual = key_for_meta(meta)
                 raise ParameterError(f"the file's metadata hashes to key {actual[:12]}…, not {key[:12]}…; "
                                      f"store it under key_for_meta(meta)")
 
         try:
-            atomic_write(target, write)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with hold(self.lock_path(key), exclusive=True, wait_s=WRITE_WAIT_S):
+                try:
+                    atomic_write(target, write)
+                finally:
+                    if not target.exists():  # nothing was stored: no lock file is left behind either
+                        self.lock_path(key).unlink(missing_ok=True)
+        except Busy:
+            raise in_use_error(key, "store") from None
         except StoreWriteError:
             raise
         except OSError as error:
@@ -185,14 +256,18 @@ class CacheStore:
         return sorted(found, key=lambda entry: entry.last_used, reverse=True)
 
     def remove(self, key_or_prefix: str) -> StoreEntry:
-        """Delete the one entry whose key starts with ``key_or_prefix``; raises on no match or several."""
+        """Delete the one entry whose key starts with ``key_or_prefix``; raises on no match or several, and
+        EntryInUseError while another process loads or writes it."""
         entry = self.find(key_or_prefix)
-        self._delete(entry.path)
+        if not self._delete(entry.key):
+            raise in_use_error(entry.key, "remove")
         return entry
 
     def remove_key(self, key: str) -> None:
-        """Delete the entry stored under exactly ``key`` (no prefix matching; nothing happens if it is absent)."""
-        self._delete(self.path_for(key))
+        """Delete the entry stored under exactly ``key`` (no prefix matching; nothing happens if it is absent);
+        EntryInUseError while another process loads or writes it."""
+        if not self._delete(self.path_for(key).stem):
+            raise in_use_error(key, "remove")
 
     def find(self, key_or_prefix: str) -> StoreEntry:
         """The one entry whose key starts with ``key_or_prefix``; raises on no match or several."""
@@ -209,42 +284,42 @@ class CacheStore:
                                  f"{', …' if len(matches) > 5 else ''}); give more characters of the key")
         return matches[0]
 
-    def gc(self, max_bytes: int, *, dry_run: bool = False) -> builtins.list[StoreEntry]:  # ``list``: the method
-        """Delete least recently used entries until at most ``max_bytes`` remain, and temporary files older than an
-        hour (left by interrupted writes); returns the deleted entries. ``dry_run`` deletes nothing and returns
-        the entries that would go."""
+    def gc(self, max_bytes: int, *, dry_run: bool = False) -> GcReport:
+        """Delete least recently used entries until at most ``max_bytes`` remain, temporary files older than an hour
+        (left by interrupted writes) and lock files without an entry. Entries another process is loading or
+        writing are skipped and reported (``GcReport.in_use``); ``dry_run`` deletes nothing and reports what would
+        go."""
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
             raise ParameterError(f"max_bytes must be an integer >= 0 (got {max_bytes!r})")
-        now = time.time()
-        for temp in [] if dry_run else self.root.glob(f"??/*{TEMP_SUFFIX}"):
-            try:
-                if now - temp.stat().st_mtime > STALE_TEMP_SECONDS:
-                    temp.unlink()
-            except FileNotFoundError:  # another process finished or removed it
-                pass
-            except OSError as error:
-                raise write_error(error, self.root, "remove stale temporary files") from None
+        if not dry_run:
+            self._sweep()
         entries = sorted(self.list(), key=lambda entry: entry.last_used)
         total = sum(entry.size_bytes for entry in entries)
-        removed = []
+        report = GcReport()
         for entry in entries:
             if total <= max_bytes:
                 break
-            if not dry_run:
-                self._delete(entry.path)
+            if not dry_run and not self._delete(entry.key):
+                report.in_use.append(entry)
+                continue
             total -= entry.size_bytes
-            removed.append(entry)
-        return removed
+            report.removed.append(entry)
+        return report
 
-    def total_bytes(self) -> int:
-        """Bytes of all entries (temporary files excluded); stats the files without reading them."""
-        total = 0
+    def usage(self) -> tuple[int, int]:
+        """(entries, bytes) of the store, temporary files excluded; stats the files without reading them."""
+        count = total = 0
         for path in self.root.glob(f"??/*{FILE_SUFFIX}"):
             try:
                 total += path.stat().st_size
+                count += 1
             except FileNotFoundError:  # removed by another process meanwhile
                 pass
-        return total
+        return count, total
+
+    def total_bytes(self) -> int:
+        """Bytes of all entries (temporary files excluded); stats the files without reading them."""
+        return self.usage()[1]
 
     def _entry(self, path: Path) -> StoreEntry | None:
         try:
@@ -257,13 +332,40 @@ class CacheStore:
             meta, problem = None, str(error)
         return StoreEntry(path.stem, path, stat.st_size, stat.st_mtime, meta, problem)
 
-    def _delete(self, path: Path) -> None:
+    def _sweep(self) -> None:
+        """Remove temporary files older than an hour and lock files without an entry, unless their entry's lock is
+        held (a write in progress)."""
+        now = time.time()
+        for temp in self.root.glob(f"??/*{TEMP_SUFFIX}"):
+            key = temp.name[:64]
+            try:
+                stale = _KEY.fullmatch(key) is not None and now - temp.stat().st_mtime > STALE_TEMP_SECONDS
+            except FileNotFoundError:  # another process finished or removed it
+                continue
+            if stale:
+                self._delete(key, temp)
+        for lock in self.root.glob(f"??/*{LOCK_SUFFIX}"):
+            if _KEY.fullmatch(lock.stem) and not self.path_for(lock.stem).exists():
+                self._delete(lock.stem)
+
+    def _delete(self, key: str, *others: Path) -> bool:
+        """Delete the entry under ``key`` (and the files ``others``) holding its lock exclusively, then its lock
+        file; False, deleting nothing, while another process holds the lock."""
         # Shard directories stay (at most 256): removing an empty one could race with a put that just made it.
+        path = self.path_for(key)
+        if not path.parent.is_dir():
+            return True
         try:
-            path.unlink(missing_ok=True)
+            with hold(self.lock_path(key), exclusive=True, wait_s=0):
+                for victim in (path, *others):
+                    victim.unlink(missing_ok=True)
+                self.lock_path(key).unlink(missing_ok=True)  # safe while held: see locks.py
+        except Busy:
+            return False
         except OSError as error:
-            raise write_error(error, self.root, f"remove {path.stem[:12]}") from None
+            raise write_error(error, self.root, f"remove {key[:12]}") from None
         fsync_directory(path.parent)
+        return True
 
 
 def _check_key(key: str) -> None:

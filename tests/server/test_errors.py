@@ -136,7 +136,7 @@ def test_full_queue_is_429_with_retry_after(strict, gate):
     gate.set()
     waiting.join(10)
     assert results["first"].status_code == 200
-    assert strict.metrics()["kvlab_rejected_requests_total"] >= 1
+    assert strict.metrics()['kvlab_rejected_requests_total{kind="generation"}'] >= 1
 
 
 def test_request_waiting_past_its_timeout_is_504(strict, gate):

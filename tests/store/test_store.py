@@ -94,7 +94,8 @@ def test_put_copies_a_file_and_refuses_bad_sources(store, tmp_path):
         store.put("e" * 64, tmp_path / "absent.kv")
     with pytest.raises(ParameterError, match="64 lowercase hex"):
         store.get("not-a-key")
-    assert [p.name for p in store.root.rglob("*") if p.is_file()] == [f"{key}.kv"]  # no temporary files left
+    # no temporary files left, and no lock files of the refused keys
+    assert sorted(p.name for p in store.root.rglob("*") if p.is_file()) == [f"{key}.kv", f"{key}.lock"]
 
 
 def test_get_marks_an_entry_used(store):
@@ -113,13 +114,14 @@ def test_gc_removes_least_recently_used_first(store):
         paths[seed] = (key, path)
     store.get(paths[0][0])  # the oldest becomes the most recent
     size = paths[0][1].stat().st_size
-    removed = store.gc(max_bytes=2 * size)
+    removed = store.gc(max_bytes=2 * size).removed
     assert [entry.key for entry in removed] == [paths[1][0]]
     assert store.total_bytes() == 2 * size
-    assert store.gc(max_bytes=2 * size) == []
-    removed = store.gc(max_bytes=0)
+    assert store.gc(max_bytes=2 * size).removed == []
+    removed = store.gc(max_bytes=0).removed
     assert [entry.key for entry in removed] == [paths[2][0], paths[0][0]]
     assert store.list() == [] and store.total_bytes() == 0
+    assert [p for p in store.root.rglob("*") if p.is_file()] == []  # lock files go with their entries
     with pytest.raises(ParameterError):
         store.gc(max_bytes=-1)
 
@@ -131,7 +133,7 @@ def test_gc_removes_stale_temporary_files(store):
     stale.write_bytes(b"partial")
     fresh.write_bytes(b"being written")
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
-    assert store.gc(max_bytes=10**9) == []
+    assert store.gc(max_bytes=10**9).removed == []
     assert not stale.exists() and fresh.exists() and path.exists()
     assert store.total_bytes() == path.stat().st_size  # temporary files are not entries
 
