@@ -343,23 +343,24 @@ class CacheStore:
             except FileNotFoundError:  # another process finished or removed it
                 continue
             if stale:
-                self._delete(key, temp)
+                self._delete(key, temp)  # the temporary file only; skipped while its writer holds the lock
         for lock in self.root.glob(f"??/*{LOCK_SUFFIX}"):
             if _KEY.fullmatch(lock.stem) and not self.path_for(lock.stem).exists():
-                self._delete(lock.stem)
+                self._delete(lock.stem, lock)
 
-    def _delete(self, key: str, *others: Path) -> bool:
-        """Delete the entry under ``key`` (and the files ``others``) holding its lock exclusively, then its lock
-        file; False, deleting nothing, while another process holds the lock."""
+    def _delete(self, key: str, *files: Path) -> bool:
+        """Delete ``files`` (default: the entry under ``key``) holding the entry's lock exclusively, then the lock
+        file if no entry is left; False, deleting nothing, while another process holds the lock."""
         # Shard directories stay (at most 256): removing an empty one could race with a put that just made it.
         path = self.path_for(key)
         if not path.parent.is_dir():
             return True
         try:
             with hold(self.lock_path(key), exclusive=True, wait_s=0):
-                for victim in (path, *others):
+                for victim in files or (path,):
                     victim.unlink(missing_ok=True)
-                self.lock_path(key).unlink(missing_ok=True)  # safe while held: see locks.py
+                if not path.exists():
+                    self.lock_path(key).unlink(missing_ok=True)  # safe while held: see locks.py
         except Busy:
             return False
         except OSError as error:
