@@ -19,8 +19,8 @@ from kvlab.cli.common import (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context-file", required=True, help="document to prefill (UTF-8 text; - for stdin)")
     add_model_arguments(parser)
-    add_policy_arguments(parser, default_help="default: the recommended recipe, kvzip at ratio 0.75 held in int4; "
-                                              "--policy full keeps every token")
+    add_policy_arguments(parser, default_help="default: the recommended query-agnostic recipe, kvzip held in int4, "
+                                              "printed with the result; --policy full keeps every token")
     add_kv_quant_argument(parser, aliases=("--quantize",))
     parser.add_argument("--out", default=None, help="also copy the cache file here (a .kv file or a folder)")
     parser.add_argument("--chunk-tokens", type=int, default=4096, help="prefill chunk size in tokens (default: 4096)")
@@ -73,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     origin = "found in the store (not recomputed)" if document.from_store else (
         f"prefill {document.prefill_s:.2f} s, compress {document.compress_s:.2f} s")
-    held = f"{policy.describe()}{' + ' + quantization.scheme if quantization else ''}"
+    ratio = ratio_from_args(args)
+    held = (f"{policy.describe()}{'' if ratio is None else f' @ ratio {ratio:g}'}"
+            f"{' + ' + quantization.scheme if quantization else ''}")
     print(f"{path}\n[{held}] context {document.context_tokens} "
           f"tok | kept {document.kept_tokens:.0f} tok/head | KV held {format_mib(document.kv_bytes_kept)} vs "
           f"{format_mib(document.kv_bytes_full_fp16)} full fp16 "
