@@ -128,6 +128,14 @@ class Observations:
         observation = self.layer(index)
         return None if observation is None else observation.extras.get(probe)
 
+    def put_layer_extra(self, index: int, probe: Probe, value: Any, scaling: float) -> None:
+        """Store a probe's result for layer ``index``, creating the layer's observation (with ``scaling``) if
+        nothing was recorded for it yet."""
+        observation = self.layers[index]
+        if observation is None:
+            observation = self.layers[index] = LayerObservation(scaling=scaling)
+        observation.extras[probe] = value
+
     def cost_of(self, request: ObservationRequest) -> float:
         """Seconds spent after the feed on the probes of ``request`` (their extra passes)."""
         return sum(self.seconds.get(probe, 0.0) for probe in request.probes)

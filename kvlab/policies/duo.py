@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import torch
 
 from kvlab.cache.observations import (
-    LayerObservation,
     ObservationRequest,
     Observations,
     Probe,
@@ -83,10 +82,8 @@ class _HeadRankState(ProbeState):
             ranks = ranks.reshape(scores.shape).amin(dim=1, keepdim=True).expand_as(scores).flatten()
         observations.extras[self.probe] = self.profile
         for row, index in enumerate(self.profile.layers):
-            observation = observations.layers[index]
-            if observation is None:
-                observation = observations.layers[index] = LayerObservation(self.scaling.get(index, 1.0))
-            observation.extras[self.probe] = (ranks.reshape(scores.shape)[row], self.stride)
+            observations.put_layer_extra(index, self.probe, (ranks.reshape(scores.shape)[row], self.stride),
+                                         self.scaling.get(index, 1.0))
 
 
 @register_policy("duo")

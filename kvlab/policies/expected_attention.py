@@ -30,7 +30,6 @@ import torch
 
 from kvlab.cache.layout import LayerSpec
 from kvlab.cache.observations import (
-    LayerObservation,
     ObservationRequest,
     Observations,
     Probe,
@@ -125,11 +124,8 @@ class _StatisticsState(ProbeState):
         for layer_index, sums in self.sums.items():
             mean = sums.total / max(sums.count, 1)
             covariance = sums.outer / max(sums.count, 1) - mean[:, :, None] * mean[:, None, :]
-            observation = observations.layers[layer_index]
-            if observation is None:
-                observation = observations.layers[layer_index] = LayerObservation(scaling=sums.scaling)
-            observation.extras[self.probe] = QueryMoments(mean.float(), covariance.float(), self.next_position,
-                                                          sums.spec.rope_theta)
+            moments = QueryMoments(mean.float(), covariance.float(), self.next_position, sums.spec.rope_theta)
+            observations.put_layer_extra(layer_index, self.probe, moments, sums.scaling)
 
 
 @register_policy("expected_attention")

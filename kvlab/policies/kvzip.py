@@ -30,7 +30,6 @@ import torch
 from kvlab.cache.kvcache import PADDING_POSITION
 from kvlab.cache.layout import LayerSpec
 from kvlab.cache.observations import (
-    LayerObservation,
     ObservationRequest,
     Observations,
     Probe,
@@ -129,10 +128,7 @@ class _ReconstructionState(ProbeState):
         if replay is not None and not self.in_conversation:
             self._reconstruct(replay)
         for layer_index, scores in self.scores.items():
-            observation = observations.layers[layer_index]
-            if observation is None:
-                observation = observations.layers[layer_index] = LayerObservation(scaling=self.scaling[layer_index])
-            observation.extras[self.probe] = scores
+            observations.put_layer_extra(layer_index, self.probe, scores, self.scaling[layer_index])
 
     def _reconstruct(self, replay: Replay) -> None:
         context = replay.context_ids
