@@ -7,7 +7,7 @@
 
 Plain ASGI middlewares (no BaseHTTPMiddleware, which would hide client disconnects from streaming responses)
 count requests by route and status, check the Host header and the API key (``guard.py``), and refuse bodies over
-``settings.max_body_bytes`` with 413.
+``settings.max_body_bytes``, or over what a text within the route's token limit can take, with 413.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from kvlab.server.errors import ApiError, install_error_handlers, send_error
 from kvlab.server.guard import Guard
 from kvlab.server.metrics import CONTENT_TYPE
 from kvlab.server.schemas import ModelCard, ModelList, request_field_names
-from kvlab.server.settings import Settings
+from kvlab.server.settings import MAX_CHARS_PER_TOKEN, Settings
 from kvlab.server.state import ServerState, build_state
 
 
@@ -50,7 +50,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.add_api_route("/v1/models/{model_id:path}", get_model, methods=["GET"], response_model=ModelCard)
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"], response_class=PlainTextResponse)
-    app.add_middleware(LimitBody, max_bytes=settings.max_body_bytes)
+    app.add_middleware(LimitBody, max_bytes=settings.max_body_bytes, route_limits=text_body_limits(state))
     app.add_middleware(Guard, settings=settings)  # before reading any body
     app.add_middleware(CountRequests, state=state)  # added last: outermost, so it counts 413s too
     return app
@@ -80,19 +80,48 @@ def metrics(request: Request) -> PlainTextResponse:
     return PlainTextResponse(request.app.state.kvlab.metrics.render(), media_type=CONTENT_TYPE)
 
 
-class LimitBody:
-    """413 for a body over ``max_bytes``: at once from Content-Length, else when the streamed body passes it."""
+# A JSON string spends at most 6 bytes on one character (its \uXXXX escape); the rest of a request (roles, sampling
+# fields, a message list's punctuation) fits in the slack.
+JSON_BYTES_PER_CHAR = 6
+BODY_SLACK_BYTES = 1024 * 1024
 
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+
+def text_body_limits(state: ServerState) -> dict[str, tuple[int, int]]:
+    """Per route, ``(bytes, tokens)``: the largest body that could carry a text within the route's token limit
+    (``MAX_CHARS_PER_TOKEN`` characters per token, as ``check_text_size`` allows). A 14 MB prompt to a model with an
+    8K window is refused from its Content-Length, before a byte of it is read or parsed."""
+    def limit(tokens: int) -> tuple[int, int]:
+        return tokens * MAX_CHARS_PER_TOKEN * JSON_BYTES_PER_CHAR + BODY_SLACK_BYTES, tokens
+
+    limits = {}
+    if state.max_context_tokens:
+        limits["/v1/chat/completions"] = limits["/v1/completions"] = limit(state.max_context_tokens)
+    if state.max_document_tokens:
+        limits["/v1/documents"] = limit(state.max_document_tokens)
+    return limits
+
+
+class LimitBody:
+    """413 for a body over its route's limit (``route_limits``: path → (bytes, tokens)) or over ``max_bytes``: at
+    once from Content-Length, else when the streamed body passes it."""
+
+    def __init__(self, app, max_bytes: int, route_limits: dict[str, tuple[int, int]] | None = None) -> None:
+        self.app, self.max_bytes, self.route_limits = app, max_bytes, route_limits or {}
+
+    def _limit(self, path: str) -> tuple[int, str]:
+        limit, tokens = self.route_limits.get(path, (self.max_bytes, 0))
+        if tokens and limit < self.max_bytes:
+            return limit, (f"the request body is larger than {limit} bytes, more than a text of {tokens} tokens (this "
+                           f"route's limit) can take; send a shorter document or prompt")
+        return self.max_bytes, (f"the request body is larger than the server's limit of {self.max_bytes} bytes; send "
+                                f"a shorter document or prompt")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        message = (f"the request body is larger than the server's limit of {self.max_bytes} bytes; send a shorter "
-                   f"document or prompt")
+        limit, message = self._limit(scope["path"])
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+        if length is not None and length.isdigit() and int(length) > limit:
             return await send_error(send, ApiError(413, message, code="request_too_large"))
         received = 0
 
@@ -101,7 +130,7 @@ class LimitBody:
             event = await receive()
             if event["type"] == "http.request":
                 received += len(event.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     raise HTTPException(413, message)
             return event
 

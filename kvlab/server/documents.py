@@ -26,7 +26,7 @@ async def post_document(body: DocumentRequest, request: Request):
     if body.model is not None:
         state.check_model(body.model)
     state.check_text_size(len(body.text), state.max_document_tokens, "document", "text")
-    job = state.submit(lambda job: create(state, body, job.check), kind="document")
+    job = state.submit(lambda job: create(state, body, job.check, job.pause), kind="document")
     document, created = await wait_result(job, request.receive)
     return JSONResponse(document.model_dump(), status_code=201 if created else 200)
 

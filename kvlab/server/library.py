@@ -137,10 +137,10 @@ def describe(document_id: str, meta: CacheMeta, file_bytes: int, **extra) -> Doc
                     file_bytes=file_bytes, **extra)
 
 
-def create(state: ServerState, body: DocumentRequest, check=None) -> tuple[Document, bool]:
+def create(state: ServerState, body: DocumentRequest, check=None, pause=None) -> tuple[Document, bool]:
     """Prefill and compress ``body.text`` (run it on the worker); returns the document and whether it is new.
-    ``check`` (the job's) runs between prefill chunks and before the file is committed: a cancelled upload writes
-    nothing and counts nothing."""
+    ``check`` (the job's) runs before the file is committed, and ``pause`` (the job's: a check that lets waiting
+    chats run) between prefill chunks: a cancelled upload writes nothing and counts nothing."""
     from kvlab.cache.quant import QuantizationParams
     from kvlab.policies import make_policy
     from kvlab.store.documents import compress_document
@@ -163,7 +163,7 @@ def create(state: ServerState, body: DocumentRequest, check=None) -> tuple[Docum
     document = compress_document(engine, body.text, policy, store=state.store, quantization=quantization,
                                  ratio=settings.document_ratio(name, body.ratio, body.budget_tokens),
                                  budget_tokens=settings.document_budget(name, body.ratio, body.budget_tokens),
-                                 check=check, extra={"origin": ORIGIN}, admit=quota(state))
+                                 check=check, pause=pause, extra={"origin": ORIGIN}, admit=quota(state))
     if not document.from_store:
         state.metrics.inc("kvlab_documents_created_total")
     return describe(document.key, document.meta, document.file_bytes, kept_tokens=document.kept_tokens,

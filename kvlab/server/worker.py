@@ -7,6 +7,10 @@ request's deadline has passed, so an abandoned generation stops within one step.
 ``ServerBusy`` (429 with ``Retry-After``) without queueing anything; waiting jobs whose clients have gone are
 dropped first, so they never hold a slot a live client could use.
 
+Uploads do not hold up chats: a document job calls ``job.pause()`` between prefill chunks, and there the worker runs
+the generation jobs already waiting (chunked-prefill interleaving, done between forward passes on the one thread).
+A chat waits for at most one chunk of an upload; the upload's own deadline includes the chats it let through.
+
 There is no per-model lock: the kvlab attention function is registered once and reads its state from each forward
 pass's own arguments, so two apps serving the same in-memory model (tests do this) cannot disturb each other.
 """
@@ -60,6 +64,7 @@ class Job:
         self.finished = False
         self._loop = loop
         self._cancelled = threading.Event()
+        self._yield_to: Callable[[], None] | None = None  # set by the worker for uploads: runs waiting chats
 
     def emit(self, kind: str, payload: object = None) -> None:
         """Deliver ``(kind, payload)`` to the request's coroutine (callable from any thread)."""
@@ -85,6 +90,14 @@ class Job:
             self.cancel("timeout")
         if self._cancelled.is_set():
             raise Cancelled(self.cancel_reason or "cancelled")
+
+    def pause(self) -> None:
+        """A point between prefill chunks where the worker may first run the chats waiting behind this job (uploads
+        only), so a long upload delays a chat by at most one chunk; checks for cancellation before and after."""
+        self.check()
+        if self._yield_to is not None:
+            self._yield_to()
+            self.check()
 
     async def next_event(self) -> tuple[str, object]:
         """The next event; past the deadline the job is cancelled and a 504 ApiError raised."""
@@ -186,8 +199,26 @@ class Worker:
                 with self._condition:
                     self._running = None
 
+    def _run_waiting_generations(self) -> None:
+        """Run the generation jobs waiting now, in arrival order, inside the running upload's ``pause()``. Only those
+        already waiting: chats that arrive meanwhile wait for the next pause, so the upload still progresses."""
+        with self._condition:
+            self._drop_abandoned()
+            count = sum(job.kind == "generation" for job in self._waiting)
+        for _ in range(count):
+            with self._condition:
+                if self._stopping:
+                    return
+                job = next((job for job in self._waiting if job.kind == "generation"), None)
+                if job is None:
+                    return
+                self._waiting.remove(job)
+            self._run(job)
+
     def _run(self, job: Job) -> None:
         started = time.monotonic()
+        if job.kind == "document":
+            job._yield_to = self._run_waiting_generations
         try:
             job.check()  # cancelled or timed out while it waited
             result = job.fn(job)

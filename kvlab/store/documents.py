@@ -84,13 +84,16 @@ def compress_document(engine: Engine, text: str, policy: Policy, *, ratio: float
                       budget_tokens: int | None = None, quantization: QuantizationParams | None = None,
                       store: CacheStore | None = None, force: bool = False, progress: bool = False,
                       check: Callable[[], None] | None = None, extra: dict | None = None,
-                      admit: Callable[[int], None] | None = None) -> CompressedDocument:
+                      admit: Callable[[int], None] | None = None,
+                      pause: Callable[[], None] | None = None) -> CompressedDocument:
     """Prefill ``text``, compress it with ``policy`` (and quantize), and keep it in ``store``; reuse a stored copy.
 
     ``check`` runs before every forward pass of the prefill and once more before the file is committed; it may raise
     to cancel, and then nothing is written. ``admit`` (a quota) is called with 0 before the prefill of a text that is
     not stored yet and with the new file's size in bytes before it is committed; it may raise to refuse, and then
-    nothing is written. ``extra`` is added to the new file's metadata (not to its key)."""
+    nothing is written. ``extra`` is added to the new file's metadata (not to its key). ``pause`` (the server's
+    ``job.pause``) replaces ``check`` between the prefill's forward passes: other work may run there, which is why it
+    is never called while the store entry is locked."""
     store = store or CacheStore()
     prefix_ids = engine.prompt(text, "").prefix_ids
     context_tokens = int(prefix_ids.numel())
@@ -109,7 +112,7 @@ def compress_document(engine: Engine, text: str, policy: Policy, *, ratio: float
                 pass  # damaged or not this entry: compute it again and replace it
     if admit is not None:
         admit(0)
-    result = engine.prefill(prefix_ids, policy.observation_request(), progress=progress, check=check)
+    result = engine.prefill(prefix_ids, policy.observation_request(), progress=progress, check=pause or check)
     cache, budget, compress_s = engine.compress(result, policy, budget_tokens=budget)
     full_bytes, last_logits, prefill_s = result.cache.held_bytes, result.last_logits, result.seconds
     del result  # the full cache is freed before the file is written

@@ -116,6 +116,26 @@ def test_huge_texts_are_refused_before_the_worker_tokenizes_them(bounded, held, 
     assert time.perf_counter() - started < 5
 
 
+@pytest.mark.parametrize("path, field", [("/v1/completions", "prompt"), ("/v1/documents", "text")])
+def test_a_body_no_text_within_the_limit_could_fill_is_413_unread(bounded, held, path, field):
+    """A 14 MB prompt used to be read and parsed on the event loop before its 400 (the abuse benchmark's main cost
+    to other clients); a body larger than any text within the route's token limit is refused from its
+    Content-Length, while the worker is busy."""
+    from kvlab.server.app import BODY_SLACK_BYTES, JSON_BYTES_PER_CHAR
+    from kvlab.server.settings import MAX_CHARS_PER_TOKEN
+
+    tokens = bounded.state.max_context_tokens if path == "/v1/completions" else 64
+    limit = tokens * MAX_CHARS_PER_TOKEN * JSON_BYTES_PER_CHAR + BODY_SLACK_BYTES
+    started = time.perf_counter()
+    response = httpx.post(f"{bounded.url}{path}", json={"model": MODEL, field: "x" * (limit + 1)}, timeout=10)
+    error = error_of(response, 413)
+    assert error["code"] == "request_too_large" and f"{tokens} tokens" in error["message"]
+    assert time.perf_counter() - started < 5
+    # just under the limit is read and refused by its length in characters instead
+    response = httpx.post(f"{bounded.url}{path}", json={"model": MODEL, field: "x" * (limit - 4096)}, timeout=10)
+    assert error_of(response, 400)["code"] == "context_length_exceeded"
+
+
 def test_max_document_tokens_is_enforced_after_tokenizing(bounded):
     response = httpx.post(f"{bounded.url}/v1/documents", json={"text": "word " * 100}, timeout=30)  # < 8 * 64 chars
     error = error_of(response, 400)
@@ -205,6 +225,72 @@ def test_an_abandoned_upload_stops_and_writes_nothing(slow_prefill):
     assert state.metrics.value("kvlab_uploads_abandoned_total", reason="disconnect") == 1
     assert state.metrics.value("kvlab_generations_cancelled_total") == 0
     assert state.metrics.value("kvlab_requests_total", route="/v1/documents", status="499") == 1
+
+
+def test_chats_waiting_behind_an_upload_run_between_its_chunks(slow_prefill):
+    """An upload no longer holds the worker for its whole prefill: a chat that arrives meanwhile is answered before
+    the upload finishes, with the same answer as on an idle server, and the upload still completes."""
+    import threading
+
+    slow_prefill.wait_idle(timeout_s=20)
+    greedy = {**CHAT, "temperature": 0, "max_tokens": 6}
+    idle_answer = httpx.post(f"{slow_prefill.url}/v1/chat/completions", json=greedy, timeout=30).json()
+    finished: dict[str, float] = {}
+
+    def upload() -> None:
+        response = httpx.post(f"{slow_prefill.url}/v1/documents", json={"text": "upload " * 400}, timeout=60)
+        finished["upload"] = time.monotonic()
+        finished["status"] = response.status_code
+
+    thread = threading.Thread(target=upload)
+    thread.start()
+    while not slow_prefill.state.worker.busy:
+        time.sleep(0.005)
+    response = httpx.post(f"{slow_prefill.url}/v1/chat/completions", json=greedy, timeout=60)
+    answered = time.monotonic()
+    thread.join(60)
+    assert response.status_code == 200 and finished["status"] == 201
+    assert answered < finished["upload"]  # answered mid-upload
+    assert response.json()["choices"][0]["message"] == idle_answer["choices"][0]["message"]
+
+
+def test_pause_runs_only_the_chats_already_waiting():
+    """The worker's interleaving: a document job's pause() runs waiting generation jobs, never other uploads, and
+    chats that arrive during a pause wait for the next one, so the upload keeps progressing."""
+    import asyncio
+
+    from kvlab.server.worker import Worker
+
+    order: list[str] = []
+    worker = Worker(None, max_queue=8)
+    chats: list = []
+
+    def chat(name: str):
+        def run(job) -> None:
+            order.append(name)
+            if name == "chat-1":  # arrives while chat-1 runs inside the first pause
+                chats.append(worker.submit(chat("chat-3"), timeout_s=30))
+        return run
+
+    def upload(job) -> None:
+        for step in range(3):
+            order.append(f"upload-{step}")
+            if step == 0:
+                chats.extend(worker.submit(chat(name), timeout_s=30) for name in ("chat-1", "chat-2"))
+                worker.submit(lambda job: order.append("upload-b"), timeout_s=30, kind="document")
+            job.pause()
+
+    async def main() -> None:
+        worker.submit(upload, timeout_s=30, kind="document")
+        worker.start()
+        deadline = time.monotonic() + 10
+        while "upload-b" not in order:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    worker.stop()
+    assert order == ["upload-0", "chat-1", "chat-2", "upload-1", "chat-3", "upload-2", "upload-b"]
 
 
 # -- 6. who may talk to the server ---------------------------------------------------------------------------------
