@@ -6,8 +6,9 @@ clients run in two processes of their own, as they would on other machines: clie
 never competes with the server for its interpreter lock. Phase 1 runs them alone; phase
 2 adds 4 hostile clients, one per kind: huge stop strings, 14 MB prompts, uploads abandoned after 0.2 s, and
 concurrent GETs of the document. Reported: normal clients' failures (anything but 200, or 429 with Retry-After),
-their p95 latency in both phases and its ratio, the process's peak RSS, and the store entries written by cancelled
-uploads (should be 0). Prints the figures and writes JSON to benchmarks/results/server_abuse.json.
+their p95 latency in both phases and its ratio, the server process's peak RSS, and the store entries written by
+cancelled uploads (should be 0), each checked against the issue's target (the RSS bound is --rss-bound-mib).
+Prints the figures and writes JSON to benchmarks/results/server_abuse.json.
 
     python benchmarks/server_abuse.py --seconds 10
 """
@@ -109,6 +110,8 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-llama")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each phase (default: %(default)s)")
     parser.add_argument("--out", default="benchmarks/results/server_abuse.json")
+    parser.add_argument("--rss-bound-mib", type=float, default=1024.0,
+                        help="the server process's stated peak-RSS bound, checked (default: %(default)s)")
     args = parser.parse_args()
     from kvlab.server import Settings, create_app  # here, not at the top: the client processes never import torch
     from kvlab.server.background import serve_in_background
@@ -136,12 +139,20 @@ def main() -> None:
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "store_entries_written_by_hostile_uploads": written, "documents_created_counted": created,
     }
+    result["targets"] = {
+        "normal clients fail only with 429 + Retry-After": calm["failures"] == 0 and abused["failures"] == 0,
+        "abused p95 within 2x of calm": result["p95_ratio"] is not None and result["p95_ratio"] <= 2.0,
+        f"server peak RSS under {args.rss_bound_mib:g} MiB": result["peak_rss_mib"] <= args.rss_bound_mib,
+        "nothing written by cancelled uploads": written == 0 and created == 0,
+    }
     print(f"normal clients: calm {calm['requests']} requests, p95 {calm['p95_s']} s, {calm['failures']} failures; "
           f"abused {abused['requests']} requests, p95 {abused['p95_s']} s, {abused['failures']} failures "
           f"(p95 ratio {result['p95_ratio']})")
     print(f"peak RSS {result['peak_rss_mib']} MiB; store entries written by abandoned uploads: {written} "
           f"(documents counted as created: {created})")
     print(f"hostile answers: {abused['hostile_answers']}")
+    for target, met in result["targets"].items():
+        print(f"  {'met    ' if met else 'NOT met'}  {target}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
