@@ -26,7 +26,7 @@ from kvlab.models.fingerprint import tokenizer_fingerprint
 from kvlab.policies.base import Policy
 from kvlab.store.format import LoadedCache, load_cache, meta_for, save_cache
 from kvlab.store.meta import CacheMeta
-from kvlab.store.store import CacheStore, check_key, key_for
+from kvlab.store.store import CacheStore, check_key, entry_of, key_for
 
 _KEY_PREFIX = re.compile(r"[0-9a-fA-F]{1,64}")  # what `kvlab cache ls` shows; anything else is a file path
 
@@ -170,12 +170,15 @@ def open_document(engine: Engine, path_or_key: str, store: CacheStore | None = N
     if not path.exists() and _KEY_PREFIX.fullmatch(path_or_key.strip()):
         store = store or CacheStore()
         key = store.find(path_or_key).key
-        with store.reading(key) as found:  # `cache rm|gc` cannot remove it while it loads
-            if found is None:
-                raise MissingCacheFileError(f"the cache entry {key[:12]}… was removed meanwhile; compress the "
-                                            f"document again")
-            return _open(engine, found, key, kv_quant)
-    return _open(engine, path, None, kv_quant)
+    elif (entry := entry_of(path)) is not None and path.is_file():  # a store's file named by its path
+        store, key = entry
+    else:
+        return _open(engine, path, None, kv_quant)
+    with store.reading(key) as found:  # `cache rm|gc` cannot remove it while it loads
+        if found is None:
+            raise MissingCacheFileError(f"the cache entry {key[:12]}… was removed meanwhile; compress the "
+                                        f"document again")
+        return _open(engine, found, key, kv_quant)
 
 
 def _open(engine: Engine, path: Path, key: str | None, kv_quant: QuantizationParams | None) -> LoadedCache:

@@ -369,6 +369,16 @@ class CacheStore:
         return True
 
 
+def entry_of(path: Path | str) -> tuple[CacheStore, str] | None:
+    """The store and key of a file that sits where a store keeps an entry (``ROOT/ab/abcd….kv``), else None: a
+    cache opened by its path is then read under the entry's lock too, so `cache rm|gc` cannot delete it mid-load."""
+    path = Path(path).expanduser().absolute()
+    key = path.name[:-len(FILE_SUFFIX)] if path.name.endswith(FILE_SUFFIX) else ""
+    if not _KEY.fullmatch(key) or path.parent.name != key[:2]:
+        return None
+    return CacheStore(path.parent.parent), key
+
+
 def _check_key(key: str) -> None:
     if not isinstance(key, str) or not _KEY.fullmatch(key):
         raise ParameterError(f"a cache key is 64 lowercase hex characters (got {key!r}); compute it with key_for")

@@ -302,3 +302,32 @@ def test_admit_refuses_before_the_prefill_and_before_the_commit(small_chunks, st
         compress_document(small_chunks, "word " * 100, make_policy("snapkv"), ratio=0.5, store=store, admit=admit)
     assert seen[0] == 0 and seen[1] > 1000
     assert [path for path in store.root.rglob("*") if path.is_file()] == []  # no entry, temporary or lock file
+
+
+def test_a_cache_opened_by_its_store_path_is_read_under_the_entry_lock(llama, store, monkeypatch, tmp_path):
+    """`kvlab ask --cache ROOT/ab/abcd….kv` used to load without the entry's lock, so `cache gc` could delete the
+    file mid-load; now a store file named by its path is read like one named by its key (a file elsewhere is not
+    locked, and is still read)."""
+    import kvlab.store.documents as documents
+    from kvlab.store.store import entry_of
+
+    document = compress_document(llama, "the pass key is 6161. " * 20, make_policy("snapkv"), ratio=0.5, store=store)
+    found_store, found_key = entry_of(document.path)
+    assert found_key == document.key and found_store.root.resolve() == store.root.resolve()
+    seen = {}
+    real_open = documents._open
+
+    def open_while_collecting(engine, path, key, kv_quant):
+        seen["gc"] = store.gc(0)  # another `kvlab cache gc` during the load
+        seen["key"] = key
+        return real_open(engine, path, key, kv_quant)
+
+    monkeypatch.setattr(documents, "_open", open_while_collecting)
+    loaded = documents.open_document(llama, str(document.path))
+    assert seen["key"] == document.key and seen["gc"].removed == [] and len(seen["gc"].in_use) == 1
+    assert loaded.meta.context_tokens == document.context_tokens and document.path.exists()
+    copy = tmp_path / "copy.kv"
+    shutil.copyfile(document.path, copy)
+    assert entry_of(copy) is None
+    documents.open_document(llama, str(copy))
+    assert seen["key"] is None
