@@ -1,11 +1,16 @@
+# PYTHON_ARGCOMPLETE_OK
 """``kvlab`` command line: a small dispatcher; each subcommand lives in its own module, imported on use, so
-``kvlab --help`` starts without importing torch."""
+``kvlab --help`` starts without importing torch. Shell completion: ``eval "$(register-python-argcomplete kvlab)"``
+(argcomplete); the marker above lets argcomplete's global completion find this entry point too."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from kvlab import __version__
 
 SUBCOMMANDS = {
     "ask": "prefill a document, compress its KV cache with a policy, answer a question",
@@ -29,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  kvlab ask --context-file doc.txt --question 'What is the pass key?' --policy snapkv --ratio 0.75\n"
                "  kvlab policies show snapkv",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"kvlab {_version()}")
+    parser.add_argument("--version", action="version", version=f"kvlab {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in SUBCOMMANDS.items():
         module = importlib.import_module(f"kvlab.cli.{name}")
@@ -42,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    if "_ARGCOMPLETE" in os.environ:  # the shell asks for completions: argcomplete answers and exits here
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
@@ -60,11 +69,3 @@ def main(argv: list[str] | None = None) -> int:
         print("kvlab: interrupted", file=sys.stderr)
         return 130
 
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("kvlab")
-    except PackageNotFoundError:
-        return "unknown"

@@ -14,6 +14,7 @@ from kvlab.cli.common import (
     ratio_from_args,
     read_text,
 )
+from kvlab.units import format_mib, format_seconds, per_second
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,11 +62,15 @@ def run(args: argparse.Namespace) -> int:
                         query_aware=args.query_aware, max_new_tokens=args.max_new_tokens, sampling=sampling,
                         force=args.force, progress=not args.json, answer_prefix=args.answer_prefix,
                         kv_quant=kv_quant_from_args(args))
+    # query-aware: the question is prefilled with the document; query-agnostic: the document alone is (the question
+    # is fed at the start of decoding and timed in neither figure)
+    prefilled = answer.context_tokens + (answer.question_tokens if args.query_aware else 0)
     if args.json:
-        print(json.dumps({"model": loaded.name, "device": str(loaded.device), **answer.to_dict()}))
+        print(json.dumps({"model": loaded.name, "device": str(loaded.device), **answer.to_dict(),
+                          "prefilled_tokens": prefilled}))
     else:
         print(answer.answer)
-        print(stats_line(answer))
+        print(stats_line(answer, prefilled))
     return 0
 
 
@@ -104,10 +109,12 @@ def run_cached(args: argparse.Namespace, sampling) -> int:
     load_s = meta.extra["load_s"]
     if args.json:
         print(json.dumps({"model": loaded.name, "device": str(loaded.device), **answer.to_dict(),
+                          "prefilled_tokens": turn.question_tokens, "file_bytes": document.file_bytes,
                           "load_s": load_s, "time_to_first_token_s": load_s + turn.question_s}))
     else:
         print(answer.answer)
-        print(stats_line(answer) + f" | load {load_s * 1000:.0f} ms (cache file)")
+        print(stats_line(answer, turn.question_tokens) + f" | file on disk {format_mib(document.file_bytes)}, "
+              f"loaded in {format_seconds(load_s)}")
     return 0
 
 
@@ -120,17 +127,16 @@ def refuse_policy_flags(args: argparse.Namespace) -> None:
                              "--ratio, --budget and -p (or compress again with `kvlab compress`)")
 
 
-def stats_line(answer) -> str:
-    from kvlab.units import format_mib, format_seconds
-
-    saved = answer.compression
-    prefill_rate = answer.context_tokens / answer.prefill_s if answer.prefill_s else 0.0
+def stats_line(answer, prefilled_tokens: int) -> str:
+    """One line of figures, each meaning what the README's "What each figure means" says: ``prefilled_tokens`` are
+    the tokens this run ran through the model before decoding, in ``answer.prefill_s`` seconds (with ``--cache``,
+    the question alone: the document was prefilled by `kvlab compress`)."""
     mode = "query-aware" if answer.query_aware else "query-agnostic"
     quant = f" {answer.kv_quant}" if answer.kv_quant else ""
-    # a saved chat holds the conversation too, so its cache can outgrow the document's full cache
-    change = f"{saved:.2f}x smaller" if saved >= 1 else f"{1 / saved:.2f}x the document's full cache, with the chat"
     return (f"[{answer.policy}{quant} {mode}] context {answer.context_tokens} tok | kept {answer.kept_tokens:.0f} "
-            f"tok/head | KV held {format_mib(answer.kv_bytes_kept)} vs {format_mib(answer.kv_bytes_full_fp16)} full "
-            f"fp16 ({change})"
-            f" | prefill {format_seconds(answer.prefill_s)} ({prefill_rate:.0f} tok/s)"
-            f" | compress {format_seconds(answer.compress_s)} | decode {answer.decode_tokens_per_s:.1f} tok/s")
+            f"tok/head | KV in memory {format_mib(answer.kv_bytes_kept)} (full fp16 "
+            f"{format_mib(answer.kv_bytes_full_fp16)}, compression {answer.compression:.2f}x)"
+            f" | prefill {prefilled_tokens} tok in {format_seconds(answer.prefill_s)} "
+            f"({per_second(prefilled_tokens, answer.prefill_s):.0f} tok/s)"
+            f" | compress {format_seconds(answer.compress_s)} | decode {answer.decode_tokens} tok in "
+            f"{format_seconds(answer.decode_s)} ({answer.decode_tokens_per_s:.1f} tok/s)")

@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
                     f"{' ' + meta.quantization.scheme if meta.quantization else ''}") if meta else entry.problem
             print(f"{entry.key[:12]}  {format_mib(entry.size_bytes):>10}  {what}")
         if not args.json:
-            print(f"{len(entries)} caches, {format_mib(store.total_bytes())} in {store.root}")
+            print(f"{len(entries)} caches, {format_mib(store.total_bytes())} on disk in {store.root} (sizes are "
+                  f"file bytes)")
         return 0
     if args.action == "rm":
         entry = store.remove(args.key)
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"skipped {entry.key[:12]}  {format_mib(entry.size_bytes):>10}  in use by another process (being "
               f"loaded or written); run gc again later")
     left = store.total_bytes() - (report.removed_bytes if args.dry_run else 0)
-    print(f"{verb} {len(report.removed)} caches ({format_mib(report.removed_bytes)}); {format_mib(left)} "
+    print(f"{verb} {len(report.removed)} caches ({format_mib(report.removed_bytes)} on disk); {format_mib(left)} "
           f"{'would be ' if args.dry_run else ''}left in {store.root}"
           f"{f'; {len(report.in_use)} in use were skipped' if report.in_use else ''}")
     return 0

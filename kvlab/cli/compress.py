@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from kvlab.engine import Engine, compression, memory_figures
     from kvlab.models import load_model
     from kvlab.store.documents import compress_document, copy_out
-    from kvlab.units import format_mib
+    from kvlab.units import format_mib, format_seconds, per_second
 
     text = read_text(args.context_file)
     apply_default_recipe(args)
@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         engine, text, policy, ratio=ratio_from_args(args), budget_tokens=args.budget, quantization=quantization,
         force=args.force, progress=not args.json))
     path = copy_out(document.path, args.out) if args.out else document.path
+    prefilled = 0 if document.from_store else document.context_tokens  # a stored file is found, not recomputed
     if args.json:
         print(json.dumps({"path": str(path), "key": document.key, "from_store": document.from_store,
                           "policy": policy.name, "policy_params": policy.params(), "ratio": ratio_from_args(args),
@@ -68,20 +69,20 @@ def run(args: argparse.Namespace) -> int:
                           "context_tokens": document.context_tokens, "kept_tokens": document.kept_tokens,
                           **memory_figures(document.kv_bytes_full, document.kv_bytes_kept,
                                            document.kv_bytes_full_fp16),
-                          "file_bytes": document.file_bytes, "prefill_s": document.prefill_s,
-                          "compress_s": document.compress_s}))
+                          "file_bytes": document.file_bytes, "prefilled_tokens": prefilled,
+                          "prefill_s": document.prefill_s, "compress_s": document.compress_s}))
         return 0
     origin = "found in the store (not recomputed)" if document.from_store else (
-        f"prefill {document.prefill_s:.2f} s, compress {document.compress_s:.2f} s")
+        f"prefill {prefilled} tok in {format_seconds(document.prefill_s)} "
+        f"({per_second(prefilled, document.prefill_s):.0f} tok/s), compress {format_seconds(document.compress_s)}")
     ratio = ratio_from_args(args)
     held = (f"{policy.describe()}{'' if ratio is None else f' @ ratio {ratio:g}'}"
             f"{' + ' + quantization.scheme if quantization else ''}")
     print(f"{path}\n[{held}] context {document.context_tokens} "
-          f"tok | kept {document.kept_tokens:.0f} tok/head | KV held {format_mib(document.kv_bytes_kept)} vs "
-          f"{format_mib(document.kv_bytes_full_fp16)} full fp16 "
-          f"({compression(document.kv_bytes_full_fp16, document.kv_bytes_kept):.2f}x) | "
-          f"file {format_mib(document.file_bytes)} | {origin} | "
-          f"key {document.key[:12]}")
+          f"tok | kept {document.kept_tokens:.0f} tok/head | KV in memory {format_mib(document.kv_bytes_kept)} "
+          f"(full fp16 {format_mib(document.kv_bytes_full_fp16)}, compression "
+          f"{compression(document.kv_bytes_full_fp16, document.kv_bytes_kept):.2f}x) | "
+          f"file on disk {format_mib(document.file_bytes)} | {origin} | key {document.key[:12]}")
     return 0
 
 

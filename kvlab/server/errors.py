@@ -16,7 +16,7 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -126,14 +126,21 @@ def validation_error(error: RequestValidationError, known_fields: set[str]) -> A
     param = ".".join(location) or None
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if first.get("type") == "extra_forbidden" and location:
-        close = difflib.get_close_matches(location[-1], known_fields, n=1, cutoff=0.6)
-        message = f"unrecognized request argument {location[-1]!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+        message = f"unrecognized request argument {location[-1]!r}" + did_you_mean(location[-1], known_fields)
     elif first.get("type") == "missing":
         message = f"missing required field {param!r}"
     else:
         message = f"{param}: {message}" if param else message
     more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
     return ApiError(422, message + more, param=param, code="invalid_request")
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """``"; did you mean 'X'?"`` for the closest known name other than ``name`` itself, or ``""``. ``name`` may be
+    known yet misplaced (``top_k`` is a field of the ``kvlab`` object, not of the request), and echoing it back
+    would suggest the very name that was refused."""
+    close = difflib.get_close_matches(name, [other for other in known if other != name], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def install_error_handlers(app: FastAPI, known_fields: set[str], private_roots: Sequence[str] = ()) -> None:

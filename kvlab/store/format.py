@@ -1,7 +1,8 @@
 """The ``.kv`` file: one compressed KV cache as a safetensors file that describes and verifies itself.
 
-Layout: the standard safetensors framing (8-byte little-endian header length, JSON header, tensor bytes), whose
-``__metadata__`` holds exactly one key, ``kvlab``: the CacheMeta JSON (see ``meta.py``). Tensor names are listed in
+Layout: the standard safetensors framing (8-byte little-endian header length, JSON header, tensor bytes), read with
+``safetensors.safe_open`` (which checks that framing), whose ``__metadata__`` holds exactly one key, ``kvlab``: the
+CacheMeta JSON (see ``meta.py``). Tensor names are listed in
 ``tensors.py``. Writing is atomic (``atomic.py``). Reading refuses, with one line naming the file and the fix:
 a missing path or a directory, a file that is empty, truncated, padded or not safetensors, one without kvlab
 metadata, a newer format, a metadata or payload checksum mismatch, metadata that fails validation or disagrees with
@@ -12,13 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors.torch
 import torch
+from safetensors import safe_open
 
 from kvlab.cache.kvcache import KVCache
 from kvlab.cache.quant import QuantizedKVCache
@@ -39,8 +39,6 @@ from kvlab.store.tensors import cache_to_tensors, payload_sha256, tensors_to_cac
 
 FILE_SUFFIX = ".kv"
 METADATA_KEY = "kvlab"
-HEADER_LENGTH_BYTES = 8
-MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
 
 
 @dataclass
@@ -88,12 +86,9 @@ def save_cache(path: str | Path, cache: KVCache | QuantizedKVCache, meta: CacheM
 def read_meta(path: str | Path) -> CacheMeta:
     """The verified metadata alone, reading only the header (cheap: no tensor bytes are read or hashed)."""
     path = Path(path)
-    size = _file_size(path)
-    with _open(path) as handle:
-        head = handle.read(HEADER_LENGTH_BYTES)
-        header_bytes = _header_length(head, size, path)
-        header = handle.read(header_bytes)
-    return _parse_header(header, size - HEADER_LENGTH_BYTES - header_bytes, path)
+    _file_size(path)
+    with _safe_open(path) as handle:
+        return _meta_of(handle, path)
 
 
 def load_cache(path: str | Path, *, expected_model_fingerprint: str | None = None,
@@ -103,16 +98,14 @@ def load_cache(path: str | Path, *, expected_model_fingerprint: str | None = Non
     ``tokenizer_fingerprint``) are compared with the file's; ``expected_model_name`` only improves the message."""
     path = Path(path)
     size = _file_size(path)
-    with _open(path) as handle:
-        data = handle.read()
-    header_bytes = _header_length(data[:HEADER_LENGTH_BYTES], size, path)
-    meta = _parse_header(data[HEADER_LENGTH_BYTES:HEADER_LENGTH_BYTES + header_bytes],
-                         size - HEADER_LENGTH_BYTES - header_bytes, path)
-    _check_fingerprints(meta, path, expected_model_fingerprint, expected_tokenizer_fingerprint, expected_model_name)
-    try:
-        tensors = safetensors.torch.load(data)
-    except Exception as error:  # safetensors raises its own error types and others; none may escape raw
-        raise CorruptCacheError(f"{path} is truncated or corrupted ({_first_line(error)}); {RECREATE}") from None
+    with _safe_open(path) as handle:
+        meta = _meta_of(handle, path)
+        _check_fingerprints(meta, path, expected_model_fingerprint, expected_tokenizer_fingerprint,
+                            expected_model_name)
+        try:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        except Exception as error:  # safetensors raises its own error types and others; none may escape raw
+            raise CorruptCacheError(f"{path} is truncated or corrupted ({_first_line(error)}); {RECREATE}") from None
     if payload_sha256(tensors) != meta.payload_sha256:
         raise CacheChecksumError(f"{path} failed its payload checksum: the tensor data was modified or damaged; "
                                  f"{RECREATE}")
@@ -130,57 +123,36 @@ def _file_size(path: Path) -> int:
         raise MissingCacheFileError(f"{path} is a directory, not a kvlab cache file; pass the path of a "
                                     f"{FILE_SUFFIX} file")
     try:
-        return path.stat().st_size
+        size = path.stat().st_size
     except FileNotFoundError:
         raise MissingCacheFileError(f"no cache file at {path}; check the path or create one with "
                                     f"`kvlab compress`") from None
     except OSError as error:
         raise MissingCacheFileError(f"cannot read {path} ({error.strerror}); check the path and its "
                                     f"permissions") from None
-
-
-def _open(path: Path):
-    try:
-        return open(path, "rb")
-    except OSError as error:
-        raise MissingCacheFileError(f"cannot read {path} ({error.strerror}); check the path and its "
-                                    f"permissions") from None
-
-
-def _header_length(head: bytes, size: int, path: Path) -> int:
     if size == 0:
         raise CorruptCacheError(f"{path} is empty (0 bytes), not a kvlab cache file; {RECREATE}")
-    if len(head) < HEADER_LENGTH_BYTES:
-        raise CorruptCacheError(f"{path} is truncated or corrupted (shorter than a safetensors header); {RECREATE}")
-    (length,) = struct.unpack("<Q", head)
-    if length < 2 or length > MAX_HEADER_BYTES or HEADER_LENGTH_BYTES + length > size:
-        raise CorruptCacheError(f"{path} is truncated or corrupted (header length {length} does not fit a "
-                                f"{size}-byte file); {RECREATE}")
-    return length
+    return size
 
 
-def _parse_header(header: bytes, data_bytes: int, path: Path) -> CacheMeta:
-    """Check the safetensors framing (the tensors exactly cover the data section) and return the CacheMeta."""
-    corrupt = f"{path} is truncated or corrupted"
+def _safe_open(path: Path):
+    """``safetensors.safe_open`` on ``path``: it checks the framing (a header whose tensors exactly cover the rest of
+    the file, no overlaps, known dtypes) and reads tensors on demand. Its errors become one-line kvlab errors."""
     try:
-        parsed = json.loads(header.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise CorruptCacheError(f"{corrupt} (its header is not valid JSON); {RECREATE}") from None
-    if not isinstance(parsed, dict):
-        raise CorruptCacheError(f"{corrupt} (its header is not a JSON object); {RECREATE}")
-    end = 0
-    for name, info in parsed.items():
-        if name == "__metadata__":
-            continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
-            raise CorruptCacheError(f"{corrupt} (tensor {name!r} has no valid data offsets); {RECREATE}")
-        end = max(end, offsets[1])
-    if end != data_bytes:
-        raise CorruptCacheError(f"{corrupt} (the header describes {end} bytes of tensor data, the file holds "
-                                f"{data_bytes}); {RECREATE}")
-    metadata = parsed.get("__metadata__")
+        return safe_open(str(path), framework="pt", device="cpu")
+    except PermissionError as error:
+        raise MissingCacheFileError(f"cannot read {path} ({error.strerror}); check the path and its "
+                                    f"permissions") from None
+    except FileNotFoundError:
+        raise MissingCacheFileError(f"no cache file at {path}; check the path or create one with "
+                                    f"`kvlab compress`") from None
+    except Exception as error:  # safetensors raises its own error types and others; none may escape raw
+        raise CorruptCacheError(f"{path} is truncated or corrupted ({_first_line(error)}); {RECREATE}") from None
+
+
+def _meta_of(handle, path: Path) -> CacheMeta:
+    """The CacheMeta in an open file's ``__metadata__``, which must hold exactly the ``kvlab`` key."""
+    metadata = handle.metadata()
     if not isinstance(metadata, dict) or set(metadata) != {METADATA_KEY} or not isinstance(
             metadata[METADATA_KEY], str):
         raise CorruptCacheError(f"{path} is not a kvlab cache file (no kvlab metadata in its header); create one "
