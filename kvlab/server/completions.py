@@ -88,7 +88,9 @@ async def completions(body: CompletionRequest, request: Request):
 
 async def _respond(state: ServerState, request: Request, body, prompt: Callable[[], Prompt], kind: str):
     submitted = time.monotonic()
-    options = Options(body.max_new_tokens, sampling_for(body), body.stop_strings, body.kvlab.ignore_eos)
+    options = Options(body.max_new_tokens, sampling_for(body), body.stop_strings, body.kvlab.ignore_eos,
+                      route="/v1/chat/completions" if kind == "chat.completion" else "/v1/completions",
+                      logprobs=getattr(body, "logprobs", None), echo=getattr(body, "echo", False))
     job = state.submit(lambda job: generate(state, job, prompt(), options, submitted), kind="generation")
     shape = Shape(kind, f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{secrets.token_hex(12)}",
                   int(time.time()), state.model_id, f"fp_{state.fingerprint[:12]}")
@@ -182,7 +184,8 @@ class Shape:
         if self.chat:
             chat_choice = ChatChoice(message=AssistantMessage(content=result.text), finish_reason=result.finish_reason)
             return ChatCompletion(**self.envelope(), choices=[chat_choice], usage=usage, kvlab=stats).model_dump()
-        choice = CompletionChoice(text=result.text, finish_reason=result.finish_reason)
+        choice = CompletionChoice.model_validate({"text": result.text, "logprobs": result.logprobs,
+                                                  "finish_reason": result.finish_reason})
         return Completion(**self.envelope(), choices=[choice], usage=usage, kvlab=stats).model_dump()
 
     def chunk(self, *, text: str = "", first: bool = False, result: Result | None = None,

@@ -1,88 +1,99 @@
-"""Prometheus text exposition (format 0.0.4), written by hand: counters and gauges with HELP and TYPE lines.
+"""The server's Prometheus metrics on ``prometheus_client``: counters, histograms and scrape-time gauges, each app with
+its own ``CollectorRegistry`` (tests run several apps in one process; the default registry would mix them).
 
-Counters only grow; gauges are read when ``/metrics`` is scraped. Seconds are wall-clock; bytes are KV bytes.
+Counters only grow; gauges are read when ``/metrics`` is scraped; histograms hold latencies. Seconds are
+wall-clock; bytes are KV bytes. Every name and label set is declared here, so a typo fails at the first ``inc``.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-COUNTERS = {
-    "kvlab_requests_total": "HTTP requests by route and status code; 499: the client went away before the answer",
-    "kvlab_prompt_tokens_total": "prompt tokens of completed generations (document tokens included)",
-    "kvlab_prefilled_tokens_total": "prompt tokens run through the model (the rest came from cached prefixes)",
-    "kvlab_cached_prompt_tokens_total": "prompt tokens served from a document or prefix cache",
-    "kvlab_completion_tokens_total": "tokens returned by completed generations",
-    "kvlab_generated_tokens_total": "tokens sampled, cancelled generations included",
-    "kvlab_prefill_seconds_total": "seconds spent prefilling prompts",
-    "kvlab_decode_seconds_total": "seconds spent decoding",
-    "kvlab_prefix_cache_hits_total": "generations that continued a cached prefix (a document or earlier turns)",
-    "kvlab_session_recompressions_total": "document sessions compressed again after outgrowing their budget",
-    "kvlab_prefix_cache_misses_total": "generations prefilled from scratch",
-    "kvlab_document_loads_total": "document caches read from the store into memory",
-    "kvlab_documents_created_total": "documents prefilled, compressed and stored",
-    "kvlab_generations_cancelled_total": "generations stopped early, by reason (disconnect, timeout, shutdown)",
-    "kvlab_uploads_abandoned_total": "document uploads stopped before storing, by reason (disconnect, timeout, "
-                                     "shutdown); they write and count nothing else",
-    "kvlab_rejected_requests_total": "requests refused with 429 because the queue was full, by kind (generation, "
-                                     "document)",
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {  # name -> (help, label names)
+    "kvlab_requests_total": ("HTTP requests by route and status code; 499: the client went away before the answer",
+                             ("route", "status")),
+    "kvlab_prompt_tokens_total": ("prompt tokens of completed generations (document tokens included)", ()),
+    "kvlab_prefilled_tokens_total": ("prompt tokens run through the model (the rest came from cached prefixes)", ()),
+    "kvlab_cached_prompt_tokens_total": ("prompt tokens served from a document or prefix cache", ()),
+    "kvlab_completion_tokens_total": ("tokens returned by completed generations", ()),
+    "kvlab_generated_tokens_total": ("tokens sampled, cancelled generations included", ()),
+    "kvlab_prefill_seconds_total": ("seconds spent prefilling prompts", ()),
+    "kvlab_decode_seconds_total": ("seconds spent decoding", ()),
+    "kvlab_prefix_cache_hits_total": ("generations that continued a cached prefix (a document or earlier turns)", ()),
+    "kvlab_session_recompressions_total": ("document sessions compressed again after outgrowing their budget", ()),
+    "kvlab_prefix_cache_misses_total": ("generations prefilled from scratch", ()),
+    "kvlab_document_loads_total": ("document caches read from the store into memory", ()),
+    "kvlab_documents_created_total": ("documents prefilled, compressed and stored", ()),
+    "kvlab_generations_cancelled_total": ("generations stopped early, by reason (disconnect, timeout, shutdown)",
+                                          ("reason",)),
+    "kvlab_uploads_abandoned_total": ("document uploads stopped before storing, by reason (disconnect, timeout, "
+                                      "shutdown); they write and count nothing else", ("reason",)),
+    "kvlab_rejected_requests_total": ("requests refused with 429 because the queue was full, by kind (generation, "
+                                      "document)", ("kind",)),
+}
+
+# Upper bounds in seconds: from a cached prefix on a GPU (milliseconds) to a long CPU prefill (minutes).
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+HISTOGRAMS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "kvlab_time_to_first_token_seconds": ("seconds from a generation request's arrival to its first sampled token "
+                                          "(queueing and prefill included), by route", ("route",)),
+    "kvlab_request_latency_seconds": ("seconds from a generation request's arrival to its last token, by route; "
+                                      "completed generations only", ("route",)),
 }
 
 
 class Metrics:
-    """Thread-safe counters with optional labels, plus gauges computed at scrape time."""
+    """Counters, histograms and scrape-time gauges in one registry; thread-safe (prometheus_client locks)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counters: dict[tuple[str, tuple], float] = {}
-        self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._counters = {name: Counter(name, help_text, labels, registry=self.registry)
+                          for name, (help_text, labels) in COUNTERS.items()}
+        self._histograms = {name: Histogram(name, help_text, labels, buckets=LATENCY_BUCKETS_S,
+                                            registry=self.registry)
+                            for name, (help_text, labels) in HISTOGRAMS.items()}
+        self._gauges: dict[str, Gauge] = {}
 
     def inc(self, name: str, amount: float = 1, **labels: str) -> None:
-        if name not in COUNTERS:
+        if name not in self._counters:
             raise KeyError(f"unknown counter {name!r}")
-        key = (name, tuple(sorted(labels.items())))
-        with self._lock:
-            self._counters[key] = self._counters.get(key, 0) + amount
+        counter = self._counters[name]
+        (counter.labels(**labels) if labels else counter).inc(amount)
+
+    def observe(self, name: str, seconds: float, **labels: str) -> None:
+        if name not in self._histograms:
+            raise KeyError(f"unknown histogram {name!r}")
+        histogram = self._histograms[name]
+        (histogram.labels(**labels) if labels else histogram).observe(seconds)
 
     def value(self, name: str, **labels: str) -> float:
-        """A counter's value; without labels, the sum over all label sets."""
-        with self._lock:
-            if labels:
-                return self._counters.get((name, tuple(sorted(labels.items()))), 0)
-            return sum(value for (counter, _), value in self._counters.items() if counter == name)
+        """A counter's value for the series matching ``labels``; without labels, the sum over all series."""
+        if name not in self._counters:
+            raise KeyError(f"unknown counter {name!r}")
+        return sum(sample.value for family in self._counters[name].collect() for sample in family.samples
+                   if sample.name == name and all(sample.labels.get(key) == value for key, value in labels.items()))
+
+    def count(self, name: str, **labels: str) -> int:
+        """How many observations a histogram holds for the series matching ``labels`` (all series without)."""
+        if name not in self._histograms:
+            raise KeyError(f"unknown histogram {name!r}")
+        return int(sum(sample.value for family in self._histograms[name].collect() for sample in family.samples
+                       if sample.name == f"{name}_count"
+                       and all(sample.labels.get(key) == value for key, value in labels.items())))
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
-        self._gauges[name] = (help_text, read)
+        """A gauge read by ``read()`` at each scrape; registering a name again replaces its reader."""
+        if name not in self._gauges:
+            self._gauges[name] = Gauge(name, help_text, registry=self.registry)
+        self._gauges[name].set_function(read)
 
     def render(self) -> str:
-        lines = []
-        with self._lock:
-            counters = dict(self._counters)
-        for name, help_text in COUNTERS.items():
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
-            series = [(labels, value) for (counter, labels), value in counters.items() if counter == name]
-            for labels, value in sorted(series) or [((), 0)]:
-                lines.append(f"{name}{_labels(labels)} {_number(value)}")
-        for name, (help_text, read) in self._gauges.items():
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {_number(read())}"]
-        return "\n".join(lines) + "\n"
-
-
-def _labels(labels: tuple) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{key}="{_escape(value)}"' for key, value in labels) + "}"
-
-
-def _escape(value: object) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
+        return generate_latest(self.registry).decode("utf-8")
 
 
 def parse(text: str) -> dict[str, float]:

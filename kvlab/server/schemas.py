@@ -1,8 +1,9 @@
 """Request and response bodies in OpenAI's shapes (pydantic), plus kvlab's extension and document bodies.
 
 Unknown top-level fields are refused (422, with a "did you mean"). OpenAI parameters kvlab does not implement are
-accepted only at their neutral value (``n=1``, penalties 0, no logprobs, no tools, text responses), so a client that
-sends the defaults works and one that relies on a feature hears that it is missing. ``user``, ``metadata``,
+accepted only at their neutral value (``n=1``, penalties 0, no logprobs in chat, no tools, text responses), so a
+client that sends the defaults works and one that relies on a feature hears that it is missing. ``/v1/completions``
+takes ``logprobs`` and ``echo`` (``logprobs.py``). ``user``, ``metadata``,
 ``store`` and ``service_tier`` do not change the output and are ignored.
 """
 
@@ -33,6 +34,8 @@ NEUTRAL = {  # parameter -> values that mean "not used"
     "response_format": ({"type": "text"},), "parallel_tool_calls": (True, False), "modalities": (["text"],),
 }
 IGNORED = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier")
+COMPLETION_FIELDS = ("logprobs", "echo")  # neutral-only in chat, implemented by /v1/completions
+MAX_LOGPROBS = 20  # most alternatives per token a completion may ask for (OpenAI allows 5, vLLM 20)
 
 
 def _drop_neutral(data: Any) -> Any:
@@ -48,6 +51,13 @@ def _drop_neutral(data: Any) -> Any:
                 raise ValueError(f"{name}={value!r} is not supported by kvlab; leave it out "
                                  f"(or send {neutral[0]!r})")
     return data
+
+
+def _drop_neutral_but_completion_fields(data: Any) -> Any:
+    if not isinstance(data, dict):
+        return data
+    kept = {name: data[name] for name in COMPLETION_FIELDS if name in data}
+    return {**_drop_neutral({name: value for name, value in data.items() if name not in kept}), **kept}
 
 
 class KvlabOptions(BaseModel):
@@ -131,19 +141,38 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    """A text completion; ``prompt`` is text or token ids, or a list holding one of either (lm-eval sends
+    ``[[ids]]``). ``echo`` with ``logprobs`` and ``max_tokens=0`` scores the prompt without generating."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions; 0 only with echo
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="return each token's logprob and this "
+                                 "many most likely alternatives (0: the chosen token's only)")
+    echo: bool = Field(False, description="the text starts with the prompt; with logprobs, the prompt's tokens "
+                                          "are scored too (the first has logprob null)")
+
+    _neutral = model_validator(mode="before")(_drop_neutral_but_completion_fields)
 
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, value):
-        if isinstance(value, list) and value and isinstance(value[0], str):
+        if isinstance(value, list) and value and isinstance(value[0], str | list):
             if len(value) != 1:
                 raise ValueError("send one prompt per request (batches of prompts are not supported)")
             value = value[0]
         if not value:
             raise ValueError("the prompt is empty")
         return _encodable(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _completion_options(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens=0 generates nothing, so it needs echo=true (to score the prompt); send "
+                             "max_tokens >= 1 or echo=true")
+        if self.stream and (self.echo or self.logprobs is not None):
+            raise ValueError(f"{'echo' if self.echo else 'logprobs'} is not supported with stream=true; send "
+                             f"stream=false")
+        return self
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -219,10 +248,20 @@ class ChatCompletion(BaseModel):
     kvlab: KvlabStats
 
 
+class CompletionLogprobs(BaseModel):
+    """Per token, in order (``logprobs.py``): its text, its logprob (null for a first prompt token), the most likely
+    alternatives (text -> logprob) and its character offset in the prompt's text followed by the completion's."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str
 
 
