@@ -35,6 +35,7 @@ class BenchRequest:
     haystack_dir: str | None = None
     seed: int = 0
     device: str | None = None
+    dtype: str = "auto"  # weights' dtype (models.dtypes); part of the fingerprint, so of the results folder
     weights: str = "fp"  # "int8": weight-only int8 linear layers (its own fingerprint, its own results folder)
     chunk_tokens: int = 4096
     force: bool = False
@@ -57,7 +58,7 @@ class BenchRequest:
             query_aware=(bool(args.preset) and base.query_aware and args.mode == "single")
             if args.query_aware is None else args.query_aware,
             mode=args.mode, quantizations=_quantizations(args.quantize), data_file=args.data,
-            haystack_dir=args.haystack_dir, seed=args.seed, device=args.device, weights=args.weights,
+            haystack_dir=args.haystack_dir, seed=args.seed, device=args.device, dtype=args.dtype, weights=args.weights,
             chunk_tokens=args.chunk_tokens, force=args.force)
 
 
@@ -109,7 +110,8 @@ def run_bench(request: BenchRequest, *, progress: bool = True, loaded=None) -> B
 
     cells = grid(list(request.policies), list(request.ratios), list(request.quantizations))  # fails before loading
     out_dir = Path(request.out_dir)
-    loaded = loaded or load_model(request.model, device=request.device, weights=request.weights, progress=progress)
+    loaded = loaded or load_model(request.model, device=request.device, dtype=request.dtype,
+                                  weights=request.weights, progress=progress)
     engine = Engine(loaded, chunk_tokens=request.chunk_tokens)
     run_info = run_info_for(engine)
     _check_folder(out_dir, run_info, request)
@@ -148,7 +150,7 @@ def weights_fidelity(request: BenchRequest, loaded, text: str, max_tokens: int =
     from kvlab.models import load_model
     from kvlab.models.weights import weight_fidelity
 
-    reference = load_model(request.model, device=request.device, progress=False)
+    reference = load_model(request.model, device=request.device, dtype=request.dtype, progress=False)
     ids = torch.tensor(loaded.tokenizer(text, add_special_tokens=True)["input_ids"][:max_tokens])
     fidelity = weight_fidelity(reference.model, loaded.model, ids)
     del reference

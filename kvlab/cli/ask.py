@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         return run_cached(args, sampling)
     context = read_text(args.context_file)
     policy = policy_from_args(args)
-    loaded = load_model(args.model, device=args.device, weights=args.weights, progress=not args.json)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, weights=args.weights,
+                        progress=not args.json)
     engine = Engine(loaded, chunk_tokens=args.chunk_tokens)
     answer = engine.ask(context, args.question, policy, ratio=ratio_from_args(args), budget_tokens=args.budget,
                         query_aware=args.query_aware, max_new_tokens=args.max_new_tokens, sampling=sampling,
@@ -87,7 +88,8 @@ def run_cached(args: argparse.Namespace, sampling) -> int:
 
         raise ParameterError("--cache holds a document compressed before any question was seen; drop "
                              "--query-aware (or use --context-file for a query-aware run)")
-    loaded = load_model(args.model, device=args.device, weights=args.weights, progress=not args.json)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, weights=args.weights,
+                        progress=not args.json)
     engine = Engine(loaded, chunk_tokens=args.chunk_tokens)
     document = open_document(engine, args.cache, kv_quant=kv_quant_from_args(args))
     meta = document.meta

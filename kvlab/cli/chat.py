@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
         refuse_policy_flags(args)
     if args.max_new_tokens < 1:
         raise KvlabError(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
-    engine = Engine(load_model(args.model, device=args.device, weights=args.weights, progress=True))
+    engine = Engine(load_model(args.model, device=args.device, dtype=args.dtype, weights=args.weights,
+                               progress=True))
     if args.context_file:
         from kvlab.cli.compress import store_document
 

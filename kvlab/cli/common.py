@@ -8,15 +8,25 @@ from pathlib import Path
 
 from kvlab.errors import KvlabError, ParameterError
 
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # models.dtypes.DTYPE_CHOICES; --help imports no torch
+
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m",
                         help="embedded name (smollm2-135m, gemma3-270m, tiny-llama, tiny-gemma3), local folder or "
                              "Hugging Face id (default: %(default)s)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_dtype_argument(parser)
     parser.add_argument("--weights", choices=["fp", "int8"], default="fp",
                         help="int8: weight-only int8 linear layers (gpt-fast's scheme), faster CPU decoding; this "
                              "changes the model, not the cache (default: fp, the model's own weights)")
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    """``--dtype``: the weights' dtype (``models.dtypes``); part of ``add_model_arguments``, alone for ``bench``."""
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                        help="weights' dtype; auto: float32 on CPU (about 5x faster there than bfloat16), the "
+                             "checkpoint's own on a GPU; float16 needs a GPU (default: %(default)s)")
 
 
 def add_policy_arguments(parser: argparse.ArgumentParser, *, default_help: str | None = None) -> None:

@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     apply_default_recipe(args)
     policy = policy_from_args(args)
     quantization = kv_quant_from_args(args)
-    engine = Engine(load_model(args.model, device=args.device, weights=args.weights, progress=not args.json),
+    engine = Engine(load_model(args.model, device=args.device, dtype=args.dtype, weights=args.weights,
+                               progress=not args.json),
                     chunk_tokens=args.chunk_tokens)
     document = store_document(lambda: compress_document(
         engine, text, policy, ratio=ratio_from_args(args), budget_tokens=args.budget, quantization=quantization,

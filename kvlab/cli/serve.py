@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("read_timeout", "keep_alive", "max_connections"):
         if getattr(args, name) <= 0:
             raise ParameterError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
-    settings = Settings(model=args.model, device=args.device, weights=args.weights, policy=policy.name,
+    settings = Settings(model=args.model, device=args.device, dtype=args.dtype, weights=args.weights,
+                        policy=policy.name,
                         policy_params=policy.params(), ratio=ratio_from_args(args), budget_tokens=args.budget,
                         kv_quant=None if args.kv_quant in (None, "none") else args.kv_quant,
                         store_root=args.store,

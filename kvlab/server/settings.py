@@ -7,6 +7,7 @@ from pathlib import Path
 
 from kvlab.cache.quant import SCHEME_BITS
 from kvlab.errors import ParameterError
+from kvlab.models.dtypes import DTYPE_CHOICES
 
 MIB = 1024 * 1024
 # A text longer than this many characters per token of the limit is refused before it is tokenized (tokenizing a
@@ -20,6 +21,7 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 class Settings:
     model: str = "smollm2-135m"  # embedded name, local folder or hub id; loaded once at startup
     device: str | None = None  # torch device; None: cuda if available, else cpu
+    dtype: str = "auto"  # weights' dtype (models.dtypes): auto, float32, bfloat16 or float16
     policy: str = "full"  # policy that compresses posted documents (a POST may override it)
     policy_params: dict = field(default_factory=dict)  # that policy's parameters
     ratio: float | None = None  # fraction of document tokens evicted; None with a policy other than full: 0.5
@@ -61,6 +63,7 @@ class Settings:
              f"max_store_documents must be >= 0 (got {self.max_store_documents})"),
             (self.ratio is None or 0 <= self.ratio < 1, f"ratio must be in [0, 1) (got {self.ratio})"),
             (self.ratio is None or self.budget_tokens is None, "give either a ratio or a budget, not both"),
+            (self.dtype in DTYPE_CHOICES, f"dtype must be one of {', '.join(DTYPE_CHOICES)} (got {self.dtype!r})"),
             (self.kv_quant in (None, *SCHEME_BITS), f"kv_quant must be one of {', '.join(SCHEME_BITS)} "
                                                      f"(got {self.kv_quant!r})"),
         ]

@@ -81,7 +81,8 @@ def build_state(settings: Settings, engine: Engine | None = None) -> ServerState
     if engine is None:
         from kvlab.models import load_model
 
-        engine = Engine(load_model(settings.model, device=settings.device, weights=settings.weights),
+        engine = Engine(load_model(settings.model, device=settings.device, dtype=settings.dtype,
+                                   weights=settings.weights),
                         chunk_tokens=settings.chunk_tokens)
     metrics = Metrics()
     sessions = PrefixCache(settings.session_cache_bytes, settings.session_cache_entries)
