@@ -9,25 +9,43 @@ A line holds an object with
   starts the model's answer, default none).
 
 Blank lines are skipped. Every problem is reported as one line naming the file, the line and the field.
+``Row`` and ``read_jsonl_rows`` are shared with the published benchmarks' formats (``kvlab.bench.formats``).
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvlab.bench.scoring import METRICS
+from kvlab.bench.scoring import METRICS, parse_metric
 from kvlab.bench.tasks.base import Sample
-from kvlab.errors import DataError
+from kvlab.errors import DataError, KvlabError
 
 FIELDS = ("context", "question", "questions", "answers", "id", "metric", "max_new_tokens", "answer_prefix")
 DEFAULT_METRIC = "contains_any"
 DEFAULT_MAX_NEW_TOKENS = 32
 
 
-def load_jsonl(path: str | Path) -> list[Sample]:
+@dataclass(frozen=True)
+class Row:
+    """One decoded case of any data format, with where it came from (for error messages)."""
+
+    values: dict[str, Any]
+    where: str                   # "FILE line N" or "hub:NAME row N"
+    source: str                  # the file stem (or hub config/split): default task name and id prefix
+    number: int                  # line (file) or 1-based row (hub) number
+    path: Path | None = None     # the file, when the row came from one
+
+    @property
+    def unit(self) -> str:
+        return "line" if self.path is not None else "row"
+
+
+def read_jsonl_rows(path: str | Path) -> list[Row]:
+    """The JSON objects of a JSONL file, one per non-blank line; a bad line raises DataError naming it."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file; pass the path of a JSONL file with one case per line")
@@ -35,58 +53,73 @@ def load_jsonl(path: str | Path) -> list[Sample]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from None
-    samples: list[Sample] = []
-    first_line_of: dict[str, int] = {}
+    rows = []
     for line_number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        sample = _parse_row(path, line_number, line)
-        if sample.id in first_line_of:
-            raise DataError(f"{path} line {line_number}: duplicate id {sample.id!r} (first used on line "
-                            f"{first_line_of[sample.id]}); give every case its own id")
-        first_line_of[sample.id] = line_number
-        samples.append(sample)
-    if not samples:
+        where = f"{path} line {line_number}"
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno}); each line must be one "
+                            f"JSON object") from None
+        if not isinstance(value, dict):
+            raise DataError(f"{where}: expected a JSON object with the case's fields, got {type(value).__name__}")
+        rows.append(Row(value, where, path.stem, line_number, path))
+    if not rows:
         raise DataError(f"{path}: the file has no cases; write one JSON object per line with 'context', "
                         f"'question' and 'answers'")
+    return rows
+
+
+def check_unique_ids(samples: list[Sample], rows: list[Row]) -> None:
+    first_row_of: dict[str, Row] = {}
+    for sample, row in zip(samples, rows):
+        first = first_row_of.setdefault(sample.id, row)
+        if first is not row:
+            raise DataError(f"{row.where}: duplicate id {sample.id!r} (first used on {first.unit} {first.number}); "
+                            f"give every case its own id")
+
+
+def load_jsonl(path: str | Path) -> list[Sample]:
+    """kvlab's own format (see the module docstring)."""
+    rows = read_jsonl_rows(path)
+    samples = [parse_row(row) for row in rows]
+    check_unique_ids(samples, rows)
     return samples
 
 
-def _parse_row(path: Path, line_number: int, line: str) -> Sample:
-    where = f"{path} line {line_number}"
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno}); each line must be one "
-                        f"JSON object") from None
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object with 'context', 'question' and 'answers', "
-                        f"got {type(row).__name__}")
-    for key in row:
+def parse_row(row: Row) -> Sample:
+    where, values = row.where, row.values
+    for key in values:
         if key not in FIELDS:
             close = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.6)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise DataError(f"{where}: unknown field {key!r}.{hint} Fields: {', '.join(FIELDS)}")
-    context = row.get("context")
+    context = values.get("context")
     if not isinstance(context, str) or not context.strip():
         raise DataError(f"{where}: 'context' must be a non-empty string")
-    questions = _questions(where, row)
-    answers = _answers(where, row, len(questions))
-    metric = row.get("metric", DEFAULT_METRIC)
-    if metric not in METRICS:
+    questions = _questions(where, values)
+    answers = _answers(where, values, len(questions))
+    metric = values.get("metric", DEFAULT_METRIC)
+    if not isinstance(metric, str) or metric.split(":")[0] not in METRICS:
         close = difflib.get_close_matches(str(metric), METRICS, n=1, cutoff=0.6)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise DataError(f"{where}: 'metric' must be one of {', '.join(METRICS)} (got {metric!r}).{hint}")
-    answer_prefix = row.get("answer_prefix", "")
+    try:
+        parse_metric(metric)
+    except KvlabError as error:
+        raise DataError(f"{where}: 'metric': {error}") from None
+    answer_prefix = values.get("answer_prefix", "")
     if not isinstance(answer_prefix, str):
         raise DataError(f"{where}: 'answer_prefix' must be a string (got {type(answer_prefix).__name__})")
-    max_new_tokens = row.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+    max_new_tokens = values.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise DataError(f"{where}: 'max_new_tokens' must be a positive integer (got {max_new_tokens!r})")
-    sample_id = row.get("id", f"{path.stem}/{line_number}")
+    sample_id = values.get("id", f"{row.source}/{row.number}")
     if not isinstance(sample_id, str) or not sample_id.strip():
         raise DataError(f"{where}: 'id' must be a non-empty string (got {sample_id!r})")
-    return Sample(id=sample_id, task=path.stem, context=context, questions=questions, answers=answers,
+    return Sample(id=sample_id, task=row.source, context=context, questions=questions, answers=answers,
                   metric=metric, length_tokens=0, depth=None, max_new_tokens=max_new_tokens,
                   answer_prefix=answer_prefix)
 

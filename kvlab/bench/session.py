@@ -89,11 +89,11 @@ class BenchOutcome:
 
 
 def build_samples(request: BenchRequest, tokenizer) -> list:
-    from kvlab.bench.data import load_jsonl
+    from kvlab.bench.formats import load_data
     from kvlab.bench.tasks import make_samples
 
     if request.data_file:
-        return load_jsonl(request.data_file)
+        return load_data(request.data_file)  # [FORMAT:]FILE or FORMAT:hub:NAME (see kvlab.bench.formats)
 
     def count_tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])

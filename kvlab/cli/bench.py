@@ -16,7 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", choices=["fp", "int8"], default="fp",
                         help="int8: weight-only int8 linear layers; the model changes (and so its fingerprint)")
     parser.add_argument("--tasks", default=None, help="comma-separated task names (see --list-tasks)")
-    parser.add_argument("--data", default=None, help="JSONL file of your own cases instead of generated tasks")
+    parser.add_argument("--data", default=None, metavar="[FORMAT:]FILE",
+                        help="cases from a JSONL file instead of generated tasks: kvlab's own format or a published "
+                             "benchmark's (longbench, longbench2, ruler, infinitebench, scbench; told from the "
+                             "fields unless FORMAT is given); FORMAT:hub:OWNER/NAME[/CONFIG][@SPLIT] reads a hub "
+                             "dataset through the datasets package (see --list-formats)")
     parser.add_argument("--lengths", default=None, help="comma-separated context lengths in tokens (e.g. 1024,2048)")
     parser.add_argument("--samples", type=int, default=None, help="samples per task and length")
     parser.add_argument("--policies", default=None,
@@ -40,9 +44,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="run samples longer than the model's window")
     parser.add_argument("--out", default="kvlab-bench", help="output folder; rerunning resumes (default: %(default)s)")
     parser.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
+    parser.add_argument("--list-formats", action="store_true",
+                        help="list the --data formats, the fields each reads and its metrics, and exit")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.list_formats:
+        from kvlab.bench.formats import list_formats_text  # no torch: the formats need no model
+
+        print(list_formats_text())
+        return 0
     from kvlab.bench.session import BenchRequest, list_tasks_text, run_bench
 
     if args.list_tasks:
