@@ -1,11 +1,10 @@
-"""kvlab chat: an interactive multi-turn session over one document's compressed cache."""
+"""kvlab chat: an interactive multi-turn session over one document's compressed cache (the loop itself, with
+streaming, Ctrl-C, line editing and slash commands, is ``cli.chat_session``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-
-HELP = "commands: /save FILE  keep the session in a .kv file | /stats  cache size | /quit (or Ctrl-D)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,17 +21,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="run past the model's window")
+    parser.add_argument("--save", metavar="FILE", default=None,
+                        help="persist the session in FILE: written by /save and again when the session ends")
+    parser.epilog = ("in the session: /stats, /save [FILE], /reset, /help, /quit\n"
+                     "Ctrl-C stops the answer being streamed (its text so far stays in the conversation);\n"
+                     "Ctrl-C or Ctrl-D at the prompt ends the session (writing it first if it has a --save file)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvlab.cli.chat_session import ChatSession, restored_message
     from kvlab.cli.common import kv_quant_from_args, policy_from_args, ratio_from_args, read_text
     from kvlab.engine import Engine, SamplingConfig
     from kvlab.errors import KvlabError
     from kvlab.models import load_model
-    from kvlab.store.documents import compress_document, conversation_for, open_document, save_conversation
+    from kvlab.store.documents import compress_document, open_document
     from kvlab.units import format_mib
 
-    for flag, value in (("--cache", args.cache), ("--context-file", args.context_file)):
+    for flag, value in (("--cache", args.cache), ("--context-file", args.context_file), ("--save", args.save)):
         if value is not None and not value.strip():
             from kvlab.errors import ParameterError
 
@@ -56,55 +61,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         source = args.cache
     loaded = open_document(engine, source, kv_quant=kv_quant_from_args(args))
-    conversation = conversation_for(engine, loaded)
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    print(f"{loaded.meta.context_tokens}-token document, {loaded.meta.policy} cache of "
-          f"{format_mib(conversation.cache.held_bytes)}; {HELP}", file=sys.stderr)
-    while True:
-        line = _read_line()
-        if line is None:
-            print(file=sys.stderr)
-            return 0
-        if not line:
-            continue
-        if line in ("/quit", "/exit"):
-            return 0
-        if line == "/stats":
-            print(f"{conversation.answered} turns | {conversation.cache.num_tokens} tokens seen | kept "
-                  f"{conversation.cache.kept_tokens():.0f} tok/head | KV {format_mib(conversation.cache.held_bytes)}")
-            continue
-        if line == "/save" or line.startswith("/save "):
-            target = line.removeprefix("/save").strip()
-            if not target:
-                print("usage: /save FILE", file=sys.stderr)
-                continue
-            try:
-                written = save_conversation(target, engine, conversation, loaded)
-                print(f"saved {conversation.answered} turns to {target} ({format_mib(written)})")
-            except KvlabError as error:
-                print(f"kvlab: error: {error}", file=sys.stderr)
-            continue
-        if line.startswith("/"):
-            print(HELP, file=sys.stderr)
-            continue
-        try:
-            turn = conversation.ask(line, max_new_tokens=args.max_new_tokens, sampling=sampling, force=args.force)
-        except KvlabError as error:
-            print(f"kvlab: error: {error}", file=sys.stderr)
-            continue
-        print(f"model> {turn.answer}")
-        note = " | re-compressed" if turn.recompressed else ""
-        print(f"[{len(turn.token_ids)} tok in {turn.decode_s:.1f} s | kept {turn.kept_tokens:.0f} tok/head{note}]",
-              file=sys.stderr)
-
-
-def _read_line() -> str | None:
-    """The next line of input, stripped; None at end of input. The ``you>`` prompt is shown only to a terminal, so
-    piped output holds the answers and command results alone."""
-    if sys.stdin.isatty():
-        try:
-            return input("you> ").strip()
-        except EOFError:
-            return None
-    line = sys.stdin.readline()
-    return line.strip() if line else None
+    session = ChatSession(engine, loaded, args.max_new_tokens, sampling, force=args.force, save_path=args.save)
+    conversation = session.conversation
+    if conversation.turns_before:
+        print(restored_message(loaded, conversation), file=sys.stderr)
+    else:
+        print(f"{loaded.meta.context_tokens}-token document, {loaded.meta.policy} cache of "
+              f"{format_mib(conversation.cache.held_bytes)}", file=sys.stderr)
+    print("ask a question; /help lists the commands; Ctrl-C stops an answer, Ctrl-D ends the session",
+          file=sys.stderr)
+    return session.run()

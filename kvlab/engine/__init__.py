@@ -130,9 +130,9 @@ class Engine:
 
     def continue_and_decode(self, cache: KVCache, suffix_ids: torch.Tensor | None, first_logits: torch.Tensor | None,
                             *, max_new_tokens: int, sampling: SamplingConfig, stop: list[str] | None = None,
-                            on_text=None, check=None, ignore_eos: bool = False) -> Generation:
+                            on_text=None, check=None, interrupted=None, ignore_eos: bool = False) -> Generation:
         """Prefill ``suffix_ids`` on top of ``cache`` (it grows in place), then decode (``engine.generate.decode``:
-        ``stop`` strings, ``on_text`` deltas and a ``check`` callback are optional)."""
+        ``stop`` strings, ``on_text`` deltas, a ``check`` callback and an ``interrupted`` flag are optional)."""
         runner = ModelRunner(self.model, cache)
         if suffix_ids is not None and suffix_ids.numel():
             first_logits = self._feed(runner, suffix_ids)
@@ -141,7 +141,7 @@ class Engine:
         text = TextStream(self.tokenizer, stop or []) if stop is not None or on_text is not None else None
         return decode(runner, first_logits, max_new_tokens=max_new_tokens, sampler=Sampler(sampling),
                       stop_token_ids=set() if ignore_eos else self.stop_ids, text=text, on_text=on_text,
-                      check=check)
+                      check=check, interrupted=interrupted)
 
     def decode_rows(self, caches: list[KVCache], first_logits: list[torch.Tensor], *, max_new_tokens: int,
                     sampling: SamplingConfig = SamplingConfig()) -> list[Generation]:

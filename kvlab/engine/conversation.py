@@ -150,7 +150,12 @@ class Conversation:
         return self.turns_before + len(self.turns)
 
     def ask(self, question: str, *, max_new_tokens: int = 64, sampling: SamplingConfig = SamplingConfig(),
-            answer_prefix: str = "", force: bool = False) -> Turn:
+            answer_prefix: str = "", force: bool = False, on_text: Callable[[str], None] | None = None,
+            interrupted: Callable[[], bool] | None = None) -> Turn:
+        """Answer ``question`` on top of the conversation so far. ``on_text`` receives the answer's text as it is
+        decoded (unstripped deltas); ``interrupted`` returning True ends the answer early, and the partial answer
+        stays in the conversation as this turn's (``stopped_by="interrupted"``), as an answer cut at
+        ``max_new_tokens`` does."""
         if not question.strip():
             raise ParameterError("the question is empty")
         if max_new_tokens < 1:
@@ -163,9 +168,10 @@ class Conversation:
         self.cache = fed.cache
         question_s, compress_s, recompressed = fed.feed_s, fed.compress_s, fed.recompressed
         generation = engine.continue_and_decode(self.cache, None, fed.logits, max_new_tokens=max_new_tokens,
-                                                sampling=sampling)
+                                                sampling=sampling, on_text=on_text, interrupted=interrupted)
         # the decoder feeds every sampled token but the last of an answer cut short; it goes in with the next turn
-        self.pending_ids = generation.token_ids[-1:] if generation.stopped_by == "max_new_tokens" else []
+        cut_short = generation.stopped_by in ("max_new_tokens", "interrupted")
+        self.pending_ids = generation.token_ids[-1:] if cut_short else []
         turn = Turn(question=question,
                     answer=engine.tokenizer.decode(generation.token_ids, skip_special_tokens=True).strip(),
                     token_ids=generation.token_ids, question_tokens=int(asked.numel()), question_s=question_s,

@@ -1,6 +1,7 @@
 """The decode loop, the one every front end uses (``Engine``, ``Conversation``, bench and server): one token per
 forward pass on top of the (possibly compressed, possibly quantized) cache, with sampling, stop tokens, optional
-stop strings with streamed text deltas, and a cancellation check between steps."""
+stop strings with streamed text deltas, a cancellation check between steps, and an interruption that keeps what
+was generated so far."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from kvlab.engine.text import TextStream
 class Generation:
     token_ids: list[int]
     seconds: float
-    stopped_by: str  # "stop_token", "stop_string" or "max_new_tokens"
+    stopped_by: str  # "stop_token", "stop_string", "max_new_tokens" or "interrupted"
     stop_token: int | None = None  # the stop token sampled, if any (not part of token_ids)
     text: str | None = None  # the text up to any stop string, when a TextStream was given
 
@@ -72,12 +73,15 @@ class _Decoding:
 def decode(runner: ModelRunner, first_logits: torch.Tensor, *, max_new_tokens: int, sampler: Sampler,
            stop_token_ids: AbstractSet[int], text: TextStream | None = None,
            on_text: Callable[[str], None] | None = None,
-           check: Callable[[], None] | None = None) -> Generation:
+           check: Callable[[], None] | None = None,
+           interrupted: Callable[[], bool] | None = None) -> Generation:
     """Generate up to ``max_new_tokens`` tokens; ``first_logits`` (vocab,) predicts the first one.
 
     A stop token ends generation and is not returned; so does a stop string of ``text`` (the text is cut before
     it). ``on_text`` receives each safe text delta as it is released; ``check`` runs before every forward pass
-    and may raise to cancel. The last sampled token is never fed: the cache holds every answer token but it.
+    and may raise to cancel. ``interrupted`` is asked after every sampled token: True ends generation there,
+    keeping the tokens so far (``stopped_by="interrupted"``, as a cut at ``max_new_tokens`` would). The last
+    sampled token is never fed: the cache holds every answer token but it.
     """
     started = time.perf_counter()
     state = _Decoding(max_new_tokens, sampler, stop_token_ids, text, on_text)
@@ -85,6 +89,9 @@ def decode(runner: ModelRunner, first_logits: torch.Tensor, *, max_new_tokens: i
     while not state.done:
         token = state.take(logits)
         if token is None:
+            break
+        if interrupted is not None and interrupted():
+            state.stopped_by = "interrupted"
             break
         if check is not None:
             check()
