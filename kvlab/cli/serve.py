@@ -11,6 +11,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_policy_arguments(parser)
     add_kv_quant_argument(parser)
+    parser.add_argument("--served-model-name", default=None,
+                        help="the model id clients send and GET /v1/models lists (default: the --model's name); "
+                             "the weights still load from --model")
+    parser.add_argument("--compress-above", default="1024", type=_compress_above, metavar="TOKENS|off",
+                        help="compress a request without a document with --policy once its prompt is longer than "
+                             "this many tokens (its context, not its question); 0: every prompt; off: only requests "
+                             "that name kvlab.policy or kvlab.ratio (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s, loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
     parser.add_argument("--store", default=None, help="document store folder (default: $KVLAB_CACHE_DIR/kv)")
@@ -53,6 +60,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "  then any OpenAI client with base_url=http://127.0.0.1:8000/v1")
 
 
+def _compress_above(value: str) -> int | None:
+    if value.strip().lower() in ("off", "none", "never"):
+        return None
+    try:
+        tokens = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or 'off' (got {value!r})") from None
+    if tokens < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 tokens, or 'off' (got {tokens})")
+    return tokens
+
+
 def run(args: argparse.Namespace) -> int:
     import os
 
@@ -90,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
                                          else parse_size(args.max_store_size, require_unit=True)),
                         max_store_documents=args.max_store_documents,
                         api_key=args.api_key or os.environ.get("KVLAB_API_KEY") or None,
-                        metrics_public=args.metrics_public, allowed_hosts=hosts)
+                        metrics_public=args.metrics_public, allowed_hosts=hosts,
+                        served_model_name=args.served_model_name, compress_above=args.compress_above)
     config = uvicorn_config(None, args.host, args.port, log_level=args.log_level, read_timeout_s=args.read_timeout,
                             keep_alive_s=args.keep_alive,
                             max_header_bytes=parse_size(args.max_header_size, require_unit=True),

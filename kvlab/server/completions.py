@@ -7,6 +7,10 @@ too long) still get their HTTP status, then streams the deltas. Both watch the c
 cancels its generation at the next decode step. ``usage.prompt_tokens_details.cached_tokens`` counts the prompt
 tokens that were not prefilled (the document's cache, earlier turns); the ``kvlab`` object repeats it with timings,
 and the ``x-kvlab-prompt-tokens`` / ``x-kvlab-cached-tokens`` headers carry it before the first streamed token.
+
+A request without a document has its prompt's context compressed with the server's policy once the prompt is longer
+than ``--compress-above`` tokens, or with the policy its ``kvlab`` object names (``prompt_compression.py``); the
+``kvlab`` object of the answer (the last chunk of a stream) says what was done and why.
 """
 
 from __future__ import annotations
@@ -26,7 +30,15 @@ from kvlab.engine.sampling import SamplingConfig
 from kvlab.server.errors import ApiError, error_body, redact
 from kvlab.server.generation import Options, Result, generate
 from kvlab.server.library import document_path
-from kvlab.server.prompts import Prompt, chat_token_ids, completion_token_ids, document_chat_token_ids
+from kvlab.server.prompt_compression import Answered, Plan, answer, plan
+from kvlab.server.prompts import (
+    Prompt,
+    chat_context_tokens,
+    chat_token_ids,
+    completion_context_tokens,
+    completion_token_ids,
+    document_chat_token_ids,
+)
 from kvlab.server.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -65,7 +77,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             return Prompt(document_chat_token_ids(tokenizer, body.messages), document_id)
         return Prompt(chat_token_ids(tokenizer, body.messages))
 
-    return await _respond(state, request, body, prompt, "chat.completion")
+    return await _respond(state, request, body, prompt, "chat.completion",
+                          plan(state.settings, body.kvlab, document_id is not None),
+                          lambda ids: chat_context_tokens(tokenizer, body.messages, ids))
 
 
 @router.post("/v1/completions", response_model=Completion)
@@ -83,15 +97,19 @@ async def completions(body: CompletionRequest, request: Request):
                             f"{state.max_context_tokens} tokens", param="prompt", code="context_length_exceeded")
     return await _respond(state, request, body, lambda: Prompt(completion_token_ids(state.engine.tokenizer,
                                                                                       prompt)),
-                          "text_completion")
+                          "text_completion", plan(state.settings, body.kvlab, False),
+                          lambda ids: completion_context_tokens(state.engine.tokenizer, prompt, ids))
 
 
-async def _respond(state: ServerState, request: Request, body, prompt: Callable[[], Prompt], kind: str):
+async def _respond(state: ServerState, request: Request, body, prompt: Callable[[], Prompt], kind: str,
+                   compression_plan: Plan, context_tokens: Callable[[list[int]], int]):
+    """``context_tokens(ids)``: how many of the prompt's ids come before its question (``prompts.py``)."""
     submitted = time.monotonic()
     options = Options(body.max_new_tokens, sampling_for(body), body.stop_strings, body.kvlab.ignore_eos,
                       route="/v1/chat/completions" if kind == "chat.completion" else "/v1/completions",
                       logprobs=getattr(body, "logprobs", None), echo=getattr(body, "echo", False))
-    job = state.submit(lambda job: generate(state, job, prompt(), options, submitted), kind="generation")
+    job = state.submit(lambda job: answer(state, job, prompt(), context_tokens, compression_plan, options,
+                                          submitted, run=generate), kind="generation")
     shape = Shape(kind, f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{secrets.token_hex(12)}",
                   int(time.time()), state.model_id, f"fp_{state.fingerprint[:12]}")
     if not body.stream:
@@ -161,7 +179,8 @@ def _stats(result: Result) -> dict:
                       compression=round(compression(result.kv_bytes_full_fp16, result.kv_bytes), 3),
                       recompressed=result.recompressed, prefill_s=round(result.prefill_s, 6),
                       decode_s=round(result.decode_s, 6),
-                      queue_s=round(result.queue_s, 6)).model_dump()
+                      queue_s=round(result.queue_s, 6),
+                      **(result.outcome.fields() if isinstance(result, Answered) else {})).model_dump()
 
 
 class Shape:

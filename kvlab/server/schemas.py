@@ -67,6 +67,26 @@ class KvlabOptions(BaseModel):
     document_id: str | None = Field(default=None, description="answer on top of this document's compressed cache")
     ignore_eos: bool = Field(default=False, description="keep generating past end-of-turn tokens (for benchmarks)")
     top_k: int = Field(default=0, ge=0, description="sample among the k most likely tokens; 0 disables it")
+    # a request that sets any of these is compressed with them whatever its length (without a document only)
+    policy: str | None = Field(default=None, description="compress this request's prompt with this policy "
+                                                         "instead of the server's (GET kvlab policies)")
+    policy_params: dict[str, float | int | str | bool] | None = Field(
+        default=None, description="that policy's parameters (with the server's policy: added to the server's)")
+    ratio: float | None = Field(default=None, ge=0, lt=1, description="fraction of context tokens evicted")
+    budget_tokens: int | None = Field(default=None, ge=1, description="context tokens kept per head per layer")
+    kv_quant: Literal["none", "int8", "int4", "int2"] | None = Field(
+        default=None, description="hold the compressed context quantized; \"none\": not quantized")
+
+    @model_validator(mode="after")
+    def _one_amount(self):
+        if self.ratio is not None and self.budget_tokens is not None:
+            raise ValueError("give either kvlab.ratio or kvlab.budget_tokens, not both")
+        return self
+
+    @property
+    def compression_requested(self) -> bool:
+        return any(value is not None for value in (self.policy, self.policy_params, self.ratio, self.budget_tokens,
+                                                   self.kv_quant))
 
 
 class StreamOptions(BaseModel):
@@ -189,6 +209,7 @@ class DocumentRequest(BaseModel):
     policy_params: dict[str, float | int | str | bool] = Field(default_factory=dict)
     ratio: float | None = Field(None, ge=0, lt=1)
     budget_tokens: int | None = Field(None, ge=1)
+    background: bool = False  # answer 202 at once with an upload to poll (GET /v1/documents/uploads/{id})
 
     @model_validator(mode="after")
     def _one_amount(self):
@@ -223,6 +244,21 @@ class KvlabStats(BaseModel):
     prefill_s: float
     decode_s: float
     queue_s: float
+    # What compressed the prompt's context (a document's: when it was posted; server/prompt_compression.py).
+    # ``compression_reason``: "document", "over_threshold" (the prompt was longer than --compress-above),
+    # "requested" (the request named kvlab.policy, ratio, ...); not compressed: "under_threshold", "disabled"
+    # (--compress-above off), "policy_full" (the full policy without quantization evicts nothing), "no_context" (one
+    # message of one paragraph: nothing comes before the question), "context_too_short" (the budget would fall
+    # below the policy's sink tokens) or "echo" (/v1/completions echoes and scores the whole prompt)
+    compressed: bool = False
+    compression_reason: str = "no_context"
+    policy: str | None = None  # None when nothing was compressed
+    policy_params: dict = Field(default_factory=dict)
+    ratio: float | None = None
+    budget_tokens: int | None = None  # context tokens kept per head per layer (mean)
+    kv_quant: str | None = None
+    context_tokens: int = 0  # prompt tokens before the question, which the policy compressed (0: none)
+    kept_tokens: float | None = None  # of those, the mean kept per head (full-attention layers) after compression
 
 
 class AssistantMessage(BaseModel):
@@ -315,6 +351,25 @@ class Document(BaseModel):
 class DocumentList(BaseModel):
     object: Literal["list"] = "list"
     data: list[Document]
+
+
+UploadStatus = Literal["queued", "running", "done", "failed"]
+
+
+class DocumentUpload(BaseModel):
+    """A background ``POST /v1/documents``: ``status`` is queued, running, done (``document`` is set; ``created``
+    says whether it is new) or failed (``error``: the message, type, param and code the blocking POST would have
+    answered)."""
+
+    id: str
+    object: Literal["document.upload"] = "document.upload"
+    status: UploadStatus
+    status_url: str
+    created_at: float  # seconds since the epoch
+    finished_at: float | None = None
+    document: Document | None = None
+    created: bool | None = None
+    error: dict | None = None
 
 
 class DeletedDocument(BaseModel):

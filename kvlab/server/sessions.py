@@ -11,17 +11,21 @@ answer. The next turn of a session matches the second when the client sends the 
 and the first otherwise (for example after a stop string cut the answer, or when its text re-tokenizes differently).
 A document's own cache is the entry with no ids after it.
 
+``holding(entry)`` keeps an entry findable while one request runs on it even if the bounds evict it at once (a
+compressed prompt larger than the byte bound is still answered; it is just not kept for the next turn).
+
 Bounded by entries and by bytes: least recently used entries go first. ``kv_bytes`` counts the storage of every
 tensor behind a cache once, even when entries share tensors (a fork shares its parent's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from array import array
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +66,7 @@ class PrefixCache:
         self.max_entries = max_entries
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self._lengths: dict[str, Counter] = {}  # document id -> Counter of stored token-id lengths
+        self._held: dict[str, Entry] = {}  # document id -> its base entry while ``holding`` it
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -83,7 +88,22 @@ class PrefixCache:
                     continue  # nothing left to feed and no logits to sample from
                 self._entries.move_to_end(key)
                 return entry
-        return None
+            held = self._held.get(document_id)
+        if held is None or len(held.token_ids) >= wanted:
+            return None
+        return held if list(held.token_ids) == list(token_ids[:len(held.token_ids)]) else None
+
+    @contextlib.contextmanager
+    def holding(self, entry: Entry) -> Iterator[None]:
+        """While the block runs, ``lookup`` on ``entry.document_id`` falls back to ``entry`` (a base with no ids after
+        it) when nothing longer matches, whether or not the bounds kept it."""
+        with self._lock:
+            self._held[entry.document_id] = entry
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held.pop(entry.document_id, None)
 
     def put(self, document_id: str, token_ids: Sequence[int], cache: KVCache, fed_tokens: int,
             last_logits: torch.Tensor | None = None, rule: CompressionRule | None = None) -> None:
@@ -132,3 +152,42 @@ class PrefixCache:
             del lengths[len(entry.token_ids)]
         if not lengths:
             del self._lengths[entry.document_id]
+
+
+@dataclass(frozen=True)
+class Base:
+    """A compressed context in the prefix cache: ``token_ids`` are the context's, under ``id``."""
+
+    id: str
+    recipe_key: str
+    token_ids: tuple[int, ...]
+    budget_tokens: int
+    kept_tokens: float
+
+
+class PromptBases:
+    """The compressed prompt contexts (``server.prompt_compression``) the prefix cache may still hold, to find the
+    one a later turn continues. Holds no cache itself (the prefix cache bounds the memory); an id the prefix cache
+    has dropped is forgotten here too."""
+
+    def __init__(self) -> None:
+        self._bases: dict[str, Base] = {}
+        self._lock = threading.Lock()
+
+    def add(self, base: Base, max_bases: int) -> None:
+        with self._lock:
+            self._bases.pop(base.id, None)
+            self._bases[base.id] = base
+            while len(self._bases) > max_bases:
+                del self._bases[next(iter(self._bases))]
+
+    def find(self, sessions: PrefixCache, recipe_key: str, token_ids: list[int], context_tokens: int) -> Base | None:
+        """The longest base made with ``recipe_key`` whose ids start ``token_ids`` within its first
+        ``context_tokens``, if the prefix cache still holds it."""
+        with self._lock:
+            for gone in [id for id in self._bases if not sessions.has_document(id)]:
+                del self._bases[gone]
+            found = [base for base in self._bases.values() if base.recipe_key == recipe_key
+                     and len(base.token_ids) <= context_tokens
+                     and tuple(token_ids[:len(base.token_ids)]) == base.token_ids]
+        return max(found, key=lambda base: len(base.token_ids), default=None)

@@ -15,6 +15,11 @@ MIB = 1024 * 1024
 # unusually long tokens (runs of spaces, long words) can be refused though it would fit.
 MAX_CHARS_PER_TOKEN = 8
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+# Requests without a document are compressed with the server's policy once their prompt is longer than this many
+# tokens. 1024 because below it a cache is small (SmolLM2-135M: about 24 MB at 1K tokens) and the query-agnostic
+# frontier in the README was measured at 1K and 4K tokens: shorter prompts would be compressed where no one has
+# measured what it costs in quality.
+DEFAULT_COMPRESS_ABOVE_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,10 @@ class Settings:
     api_key: str | None = None  # when set, every route but /health needs "Authorization: Bearer KEY"
     metrics_public: bool = False  # /metrics without the key
     allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS  # Host header values answered (DNS rebinding); "*": any
+    served_model_name: str | None = None  # the model id clients send and /v1/models lists; None: the model's name
+    # a request without a document whose prompt is longer than this many tokens is compressed with ``policy``
+    # (0: every prompt that has a context before its question; None: never, unless the request asks for a policy)
+    compress_above: int | None = DEFAULT_COMPRESS_ABOVE_TOKENS
 
     def __post_init__(self) -> None:
         checks = [
@@ -63,6 +72,10 @@ class Settings:
              f"max_store_documents must be >= 0 (got {self.max_store_documents})"),
             (self.ratio is None or 0 <= self.ratio < 1, f"ratio must be in [0, 1) (got {self.ratio})"),
             (self.ratio is None or self.budget_tokens is None, "give either a ratio or a budget, not both"),
+            (self.served_model_name is None or bool(self.served_model_name.strip()),
+             "served_model_name must not be empty (leave it out to serve the model under its own name)"),
+            (self.compress_above is None or self.compress_above >= 0,
+             f"compress_above must be >= 0 tokens, or None for never (got {self.compress_above})"),
             (self.dtype in DTYPE_CHOICES, f"dtype must be one of {', '.join(DTYPE_CHOICES)} (got {self.dtype!r})"),
             (self.kv_quant in (None, *SCHEME_BITS), f"kv_quant must be one of {', '.join(SCHEME_BITS)} "
                                                      f"(got {self.kv_quant!r})"),

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from kvlab.engine import Engine
 from kvlab.server.errors import ApiError
 from kvlab.server.metrics import Metrics
-from kvlab.server.sessions import PrefixCache
+from kvlab.server.sessions import PrefixCache, PromptBases
 from kvlab.server.settings import MAX_CHARS_PER_TOKEN, Settings
+from kvlab.server.uploads import Uploads
 from kvlab.server.worker import Job, Worker
 from kvlab.store.store import CacheStore
 
@@ -25,10 +26,13 @@ class ServerState:
     metrics: Metrics
     worker: Worker
     started_at: float = field(default_factory=time.time)
+    prompt_bases: PromptBases = field(default_factory=PromptBases)  # compressed prompt contexts in ``sessions``
+    uploads: Uploads = field(default_factory=Uploads)  # background document uploads
 
     @property
     def model_id(self) -> str:
-        return self.engine.loaded.name
+        """The id clients send and /v1/models lists: ``--served-model-name``, else the loaded model's name."""
+        return self.settings.served_model_name or self.engine.loaded.name
 
     @property
     def max_context_tokens(self) -> int:
