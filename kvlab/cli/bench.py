@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     request = BenchRequest.from_cli(args)
     outcome = run_bench(request, progress=True)
+    print(outcome.paths["header"])  # the same lines `kvlab report` prints for this folder
+    print()
     print(outcome.table)
     print(outcome.status_line)
     print(f"report: {outcome.paths['html']}")

@@ -13,6 +13,8 @@ def run(args: argparse.Namespace) -> int:
     from kvlab.bench.session import report_folder
 
     paths = report_folder(args.folder)
+    print(paths["header"])  # the same lines `kvlab bench` printed for this folder
+    print()
     print(paths["table"])
     print(f"report: {paths['html']}")
     return 0
