@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# generate_latest writes text format 0.0.4 for names like these (no UTF-8 escaping needed), which every Prometheus
+# version reads; newer prometheus_client versions advertise 1.0.0 by default, older ones have no constant for it.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {  # name -> (help, label names)
     "kvlab_requests_total": ("HTTP requests by route and status code; 499: the client went away before the answer",

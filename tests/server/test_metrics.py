@@ -74,8 +74,9 @@ def test_generations_observe_latency_histograms_by_route(start):
         other = second.metrics()
         assert other["kvlab_completion_tokens_total"] == 0
         assert not any(name.startswith("kvlab_request_latency_seconds_count") for name in other)
-        text = httpx.get(f"{first.url}/metrics").text
-        assert "# TYPE kvlab_time_to_first_token_seconds histogram" in text
+        scraped = httpx.get(f"{first.url}/metrics")
+        assert scraped.headers["content-type"].startswith("text/plain; version=0.0.4")
+        assert "# TYPE kvlab_time_to_first_token_seconds histogram" in scraped.text
 
 
 def test_scoring_only_request_has_no_first_token(start):
