@@ -72,9 +72,12 @@ class Result:
         return self.prompt_tokens - self.cached_tokens
 
 
-def generate(state: ServerState, job: Job, prompt: Prompt, options: Options, submitted: float) -> Result:
+def generate(state: ServerState, job: Job, prompt: Prompt, options: Options, submitted: float,
+             fresh_tokens: int = 0) -> Result:
     """Run ``prompt``; emits ``("start", {prompt_tokens, cached_tokens})`` after prefill and ``("delta", text)``
-    while decoding. ``submitted`` is the request's ``time.monotonic()`` arrival."""
+    while decoding. ``submitted`` is the request's ``time.monotonic()`` arrival. ``fresh_tokens``: tokens of the
+    prompt's base that this request computed itself just before (a context compressed on arrival): they are counted
+    as prefilled, not as cached, in the answer and in the metrics."""
     queue_s = time.monotonic() - submitted
     ids = prompt.token_ids
     document_id = prompt.document_id or ""
@@ -104,7 +107,7 @@ def generate(state: ServerState, job: Job, prompt: Prompt, options: Options, sub
     assert logits is not None
     runner = ModelRunner(state.engine.model, cache)
     prefill_s = time.perf_counter() - started
-    cached_tokens = document_tokens + entry.fed_tokens
+    cached_tokens = document_tokens + entry.fed_tokens - fresh_tokens
     if new_ids:
         state.sessions.put(document_id, ids, cache.fork(), len(ids), logits, rule=entry.rule)
     state.metrics.inc("kvlab_prefix_cache_hits_total" if cached_tokens else "kvlab_prefix_cache_misses_total")

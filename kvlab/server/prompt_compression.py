@@ -15,8 +15,7 @@ whose ids start with the same context, feeds only its new tokens under the docum
 (compressed again past the budget's headroom) instead of compressing everything again.
 
 The ``kvlab`` object of the response says what was done (``Outcome``); its token counts treat a context compressed
-in this request as prefilled, not cached. Limitation: the server-wide counters ``kvlab_cached_prompt_tokens_total``
-and ``kvlab_prefix_cache_hits_total``, which ``generate`` keeps, count such a context as cached.
+in this request as prefilled, not cached, and so do the server's counters (``generate``'s ``fresh_tokens``).
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ import time
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -178,10 +177,9 @@ def answer(state: ServerState, job: Job, prompt: Prompt, context_tokens: Callabl
         base, entry, fresh_s = _compress(state, job, ids[:context], recipe, budget)
         fresh_tokens = context
     with state.sessions.holding(entry) if fresh_tokens else contextlib.nullcontext():
-        result = run(state, cast("Job", _Prefilled(job, fresh_tokens)), Prompt(ids[len(base.token_ids):], base.id),
-                     options, submitted)
+        result = run(state, job, Prompt(ids[len(base.token_ids):], base.id), options, submitted,
+                     fresh_tokens=fresh_tokens)
     result.document_id = None
-    result.cached_tokens -= fresh_tokens
     result.prefill_s += fresh_s
     result.queue_s = queue_s  # ``run`` counted the compression as waiting
     params = recipe.policy.params()
@@ -230,22 +228,6 @@ def _compress(state: ServerState, job: Job, context_ids: list[int], recipe: Reci
     state.sessions.put(base.id, (), cache, 0, rule=rule)
     state.prompt_bases.add(base, state.settings.session_cache_entries)
     return base, Entry(base.id, (), cache, 0, None, rule), seconds
-
-
-class _Prefilled:
-    """The job as ``generate`` sees it after this job compressed the context itself: its "start" event counts
-    those ``tokens`` as prefilled, not cached (the ``x-kvlab-cached-tokens`` header of a stream)."""
-
-    def __init__(self, job: Job, tokens: int) -> None:
-        self._job, self._tokens = job, tokens
-
-    def emit(self, kind: str, payload: object = None) -> None:
-        if kind == "start" and isinstance(payload, dict):
-            payload = {**payload, "cached_tokens": payload["cached_tokens"] - self._tokens}
-        self._job.emit(kind, payload)
-
-    def __getattr__(self, name: str):
-        return getattr(self._job, name)
 
 
 def _document_outcome(state: ServerState, document_id: str) -> Outcome:

@@ -510,7 +510,7 @@ def test_an_error_sent_mid_stream_shows_no_store_path(server, monkeypatch):
 
     root = server.state.store.root
 
-    def failing(state, job, prompt, options, submitted):
+    def failing(state, job, prompt, options, submitted, **_):
         job.emit("start", {"prompt_tokens": 1, "cached_tokens": 0})
         job.emit("delta", "Hi")
         raise KvlabError(f"cannot read {root}/ab/{'ab' * 32}.kv: damaged")

@@ -55,9 +55,15 @@ def test_the_context_ends_where_the_last_paragraph_of_the_last_message_starts(ti
 
 def test_a_long_chat_is_compressed_and_holds_fewer_bytes(snapkv_server, start):
     content = f"A context no other test sends. {LONG}"
+    metrics = snapkv_server.state.metrics
+    cached_before = metrics.value("kvlab_cached_prompt_tokens_total")
+    misses_before = metrics.value("kvlab_prefix_cache_misses_total")
     started = time.monotonic()
     compressed = chat(snapkv_server, content=content).json()["kvlab"]
     elapsed_s = time.monotonic() - started
+    # the server's counters agree: a context compressed on arrival is a prefix-cache miss, none of it cached
+    assert metrics.value("kvlab_cached_prompt_tokens_total") == cached_before
+    assert metrics.value("kvlab_prefix_cache_misses_total") == misses_before + 1
     assert compressed["compressed"] is True and compressed["compression_reason"] == "over_threshold"
     assert (compressed["policy"], compressed["ratio"]) == ("snapkv", 0.5)
     assert compressed["context_tokens"] > 256 and compressed["document_id"] is None
