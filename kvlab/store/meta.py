@@ -14,7 +14,6 @@ import json
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib import metadata as importlib_metadata
 
 import torch
 
@@ -29,10 +28,10 @@ _HEX = re.compile(r"[0-9a-f]+")
 
 
 def kvlab_version() -> str:
-    try:
-        return importlib_metadata.version("kvlab")
-    except importlib_metadata.PackageNotFoundError:  # running from a source tree that was never installed
-        return "unknown"
+    """The version recorded in a file's metadata: ``kvlab.__version__`` (``0.1.0+source`` in a source tree)."""
+    import kvlab
+
+    return kvlab.__version__
 
 
 def utc_now() -> str:
