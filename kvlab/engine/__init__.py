@@ -50,6 +50,7 @@ class Answer:
     decode_tokens: int
     kv_quant: str | None = None
     extra: dict = field(default_factory=dict)
+    question_s: float = 0.0  # query-agnostic: feeding the question onto the compressed cache (0: it was prefilled)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -206,7 +207,12 @@ class Engine:
         kept_bytes, allocated_bytes, kept = cache.held_bytes, cache.allocated_bytes, context_kept_tokens(
             cache, context_tokens)
         full_fp16 = cache.kv_bytes_full_fp16
-        generation = self.continue_and_decode(cache, suffix, first_logits, max_new_tokens=max_new_tokens,
+        question_s = 0.0
+        if suffix is not None and suffix.numel():  # timed on its own: neither the prefill nor decoding
+            started = time.perf_counter()
+            first_logits = self.feed(cache, suffix)
+            question_s = time.perf_counter() - started
+        generation = self.continue_and_decode(cache, None, first_logits, max_new_tokens=max_new_tokens,
                                               sampling=sampling, ignore_eos=ignore_eos)
         return Answer(
             answer=self.tokenizer.decode(generation.token_ids, skip_special_tokens=True).strip(),
@@ -216,7 +222,7 @@ class Engine:
             kv_bytes_kept=kept_bytes, kv_bytes_allocated=allocated_bytes, kv_bytes_full_fp16=full_fp16,
             prefill_s=prefill_s, compress_s=compress_s, decode_s=generation.seconds,
             decode_tokens=len(generation.token_ids), kv_quant=None if kv_quant is None else kv_quant.scheme,
-            extra={"stopped_by": generation.stopped_by},
+            question_s=question_s, extra={"stopped_by": generation.stopped_by},
         )
 
 
