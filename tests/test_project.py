@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = ["errors", "registry", "units", "fileio", "models", "cache", "policies", "engine", "store", "bench", "server",
-          "cli"]
+LAYERS = ["errors", "registry", "units", "fileio", "models", "cache", "policies", "engine", "inputs", "store", "bench",
+          "server", "cli"]
 
 
 def layer_of(module: str) -> str | None:

@@ -16,12 +16,23 @@ Modes (SCBench's shared-context settings):
   own), and the cache is compressed again when the conversation outgrows the budget. KL is not measured there
   (histories differ between cells); ``matches_full`` compares each turn's answer with the full cache's.
 
+Input-level methods (``kvlab.inputs``: retrieval, prompt compression) are cells too: a cell shortens the context
+*text* to its ratio's share of tokens, prefills what is left with the full cache and answers from it. Its row says
+``family: "input"`` (``"kv"`` for policies), ``input_context_tokens`` (the context tokens the model was given),
+``prefill_s`` of the shortened context and, in ``compress_s``, the seconds the method took (scoring passes through
+the model included); the byte figures compare its cache with the full cache of the *original* context, like every
+other row. ``method_query_aware`` says whether the cell's choice read the question (retrieval always does; a policy
+only in a query-aware run). A query-agnostic method shortens a sample's context once; a query-aware one, once per
+question, in multi-request mode too (its cache is then kept in memory, not written to a file). Multi-turn mode has
+no place for them: the context would have to be chosen before the follow-ups are known.
+
 Rows are appended to ``results.jsonl`` as each cell finishes, so an interrupted run leaves whole rows and a
 rerun with the same output folder skips what is done.
 """
 
 from __future__ import annotations
 
+import difflib
 import resource
 import tempfile
 import time
@@ -43,8 +54,10 @@ from kvlab.cache.quantized import quantize_in_memory
 from kvlab.engine import Engine, SamplingConfig, context_kept_tokens, memory_figures
 from kvlab.engine.conversation import CompressionRule, Conversation
 from kvlab.engine.prefill import PrefillResult
-from kvlab.errors import ParameterError
-from kvlab.policies import make_policy
+from kvlab.errors import ParameterError, UnknownPolicyError
+from kvlab.inputs import INPUT_METHODS, make_input_method
+from kvlab.inputs.base import InputMethod, Reduction
+from kvlab.policies import POLICIES, make_policy
 from kvlab.policies.base import Policy
 
 GREEDY = SamplingConfig()
@@ -53,16 +66,21 @@ MODES = ("single", "multi-request", "multi-turn")
 
 @dataclass(frozen=True)
 class Cell:
-    """One grid cell: a policy with its parameters, an eviction ratio (0 for ``full``), and a KV quantization the
-    cache is held in while decoding (``--kv-quant``; None: the model's dtype)."""
+    """One grid cell: a policy (or an input method) with its parameters, an eviction ratio (0 for ``full``), and a
+    KV quantization the cache is held in while decoding (``--kv-quant``; None: the model's dtype)."""
 
-    policy: Policy
+    policy: Policy | InputMethod
     ratio: float
     quantization: str | None = None
 
     @property
     def is_reference(self) -> bool:
         return self.policy.name == "full" and self.quantization is None
+
+    @property
+    def family(self) -> str:
+        """``"input"``: the context text is shortened before prefill; ``"kv"``: the cache is compressed after."""
+        return "input" if isinstance(self.policy, InputMethod) else "kv"
 
     @property
     def label(self) -> str:
@@ -91,8 +109,9 @@ def grid(policy_names: list[str], ratios: list[float], quantizations: Sequence[s
     return cells
 
 
-def policy_from_spec(spec: str) -> Policy:
-    """``NAME[:KEY=VALUE...]``, e.g. ``kvzip`` or ``kvzip:heads=free:chunk_tokens=1024``."""
+def policy_from_spec(spec: str) -> Policy | InputMethod:
+    """``NAME[:KEY=VALUE...]``, e.g. ``kvzip``, ``kvzip:heads=free:chunk_tokens=1024`` or ``rag_bm25:chunk_tokens=64``:
+    a KV policy or an input method."""
     name, *settings = spec.strip().split(":")
     params = {}
     for setting in settings:
@@ -100,6 +119,14 @@ def policy_from_spec(spec: str) -> Policy:
         if not equals or not key:
             raise ParameterError(f"cannot read policy {spec!r}: write NAME[:KEY=VALUE...], e.g. kvzip:heads=shared")
         params[key.strip()] = value.strip()
+    if name in INPUT_METHODS:
+        return make_input_method(name, **params)
+    if name not in POLICIES:
+        known = POLICIES.names() + INPUT_METHODS.names()
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise UnknownPolicyError(f"unknown policy or input method {name!r}.{hint} Policies: "
+                                 f"{', '.join(POLICIES.names())}; input methods: {', '.join(INPUT_METHODS.names())}.")
     return make_policy(name, **params)
 
 
@@ -137,15 +164,22 @@ def run_grid(engine: Engine, samples: list[Sample], cells: list[Cell], results: 
                              f"it cannot know in advance")
     started = time.perf_counter()
     outcome = BenchProgress()
+    if mode == "multi-turn" and any(cell.family == "input" for cell in cells):
+        names = ", ".join(sorted({cell.policy.name for cell in cells if cell.family == "input"}))
+        raise ParameterError(f"input methods ({names}) choose the context before it is prefilled, which multi-turn "
+                             f"follow-ups cannot wait for; run them with --mode single or multi-request")
     request = ObservationRequest()
     for cell in cells:
-        request = request.union(cell.policy.observation_request())
+        if isinstance(cell.policy, Policy):
+            request = request.union(cell.policy.observation_request())
     settings = {"mode": mode, "query_aware": query_aware, "seed": seed, **(run_info or {})}
     total = sum(len(sample.questions) for sample in samples) * len(cells)
     bar = tqdm(total=total, unit="answer", desc=f"bench {mode}", disable=not progress, dynamic_ncols=True)
 
     def record(row: dict) -> None:
         row.update(settings)
+        if row["family"] == "kv":
+            row["method_query_aware"] = query_aware
         row["peak_rss_mib"] = peak_rss_mib()
         results.append(row)
         outcome.rows.append(row)
@@ -204,6 +238,7 @@ def _prefill(engine: Engine, sample: Sample, question_index: int, request: Obser
 def _compressed(engine: Engine, context: _Context, cell: Cell) -> tuple[KVCache, dict]:
     """A compressed (and, for quantized cells, held-quantized) copy with its cost columns; the byte columns are
     those of ``engine.memory_figures``."""
+    assert isinstance(cell.policy, Policy)  # input cells go through ``_input_cell``
     cache, budget, compress_s = engine.compress(context.result, cell.policy, ratio=cell.ratio,
                                                 compressible_tokens=context.context_tokens)
     if cell.quantization is not None:
@@ -215,15 +250,69 @@ def _compressed(engine: Engine, context: _Context, cell: Cell) -> tuple[KVCache,
                    "kept_tokens": context_kept_tokens(cache, context.context_tokens)}
 
 
+@dataclass
+class _Shortened:
+    """An input cell's shortened context, prefilled once for every question it serves; ``context_tokens`` are the
+    prompt's prefix tokens (template included, as a ``_Context``'s)."""
+
+    reduction: Reduction
+    result: PrefillResult
+    context_tokens: int
+
+
+def _shortened(engine: Engine, context: _Context, index: int, cell: Cell, query_aware: bool,
+               memo: dict) -> _Shortened:
+    """The shortened prefill of ``cell`` for question ``index``: per question when the method reads the question
+    (or the run prefills the question with the context), else one per sample; ``memo`` holds them."""
+    method = cell.policy
+    assert isinstance(method, InputMethod)
+    per_question = method.query_aware or query_aware
+    key = (method, cell.ratio, index if per_question else None)
+    if key not in memo:
+        sample = context.sample
+        reduction = method.reduce(engine, sample.context, sample.questions[index], ratio=cell.ratio)
+        parts = engine.prompt(reduction.text, sample.questions[index], sample.answer_prefix)
+        ids = torch.cat([parts.prefix_ids, parts.suffix_ids]) if query_aware else parts.prefix_ids
+        memo[key] = _Shortened(reduction, engine.prefill(ids), int(parts.prefix_ids.numel()))
+    return memo[key]
+
+
+def _input_cell(engine: Engine, context: _Context, index: int, cell: Cell, query_aware: bool,
+                memo: dict) -> tuple[KVCache, dict, torch.Tensor, float]:
+    """An input cell ready to answer question ``index``: (its cache, a fork of the shortened prefill, held quantized
+    if the cell says so; its cost columns; the logits that start the answer; seconds spent feeding the question).
+    Byte figures compare with the full cache of the original context (``context.result``)."""
+    shortened = _shortened(engine, context, index, cell, query_aware, memo)
+    method = cell.policy
+    assert isinstance(method, InputMethod)
+    cache, compress_s = shortened.result.cache.fork(), shortened.reduction.seconds
+    if cell.quantization is not None:
+        started = time.perf_counter()
+        cache = quantize_in_memory(cache, parse_quantization(cell.quantization))
+        compress_s += time.perf_counter() - started
+    full = context.result.cache
+    costs = {"budget_tokens": shortened.reduction.budget_tokens, "compress_s": compress_s,
+             **memory_figures(full.held_bytes, cache.held_bytes, full.kv_bytes_full_fp16),
+             "kept_tokens": float(shortened.context_tokens), "input_context_tokens": shortened.context_tokens,
+             "prefill_s": shortened.result.seconds, "method_query_aware": method.query_aware}
+    started = time.perf_counter()
+    if query_aware:
+        first_logits = shortened.result.last_logits
+    else:
+        sample = context.sample
+        first_logits = engine.feed(cache, engine.question_ids(sample.questions[index], sample.answer_prefix))
+    return cache, costs, first_logits, time.perf_counter() - started
+
+
 def _row(context: _Context, question_index: int, cell: Cell, prediction: str, costs: dict, **measured) -> dict:
     sample = context.sample
     answers = sample.answers[question_index]
     return {"sample_id": sample.id, "task": sample.task, "length_tokens": sample.length_tokens, "depth": sample.depth,
             "question_index": question_index, "question": sample.questions[question_index], "answers": list(answers),
             "metric": sample.metric, "prediction": prediction, "score": score(prediction, answers, sample.metric),
-            "policy": cell.label, "policy_params": cell.policy.params(), "ratio": cell.ratio,
+            "policy": cell.label, "policy_params": cell.policy.params(), "ratio": cell.ratio, "family": cell.family,
             "quantization": cell.quantization, "context_tokens": context.context_tokens,
-            "prefill_s": context.result.seconds,
+            "input_context_tokens": context.context_tokens, "prefill_s": context.result.seconds,
             **costs, **measured}
 
 
@@ -243,9 +332,11 @@ def _ordered(cells: list[Cell]) -> list[Cell]:
 
 def _single(engine, sample, cells, wanted, request, query_aware, force, outcome):
     shared = None
+    memo: dict = {}  # input cells' shortened prefills
     for index in range(len(sample.questions)):
         if not any((index, cell) in wanted for cell in cells):
             continue
+        memo = {key: value for key, value in memo.items() if key[2] is None}  # drop the last question's
         if query_aware or shared is None:
             shared = _prefill(engine, sample, index, request, query_aware, force, outcome)
         context = shared
@@ -255,6 +346,9 @@ def _single(engine, sample, cells, wanted, request, query_aware, force, outcome)
         ordered = ordered[:1] + [cell for cell in ordered[1:] if (index, cell) in wanted]
         prepared = []
         for cell in ordered:
+            if cell.family == "input":
+                prepared.append((cell, *_input_cell(engine, context, index, cell, query_aware, memo)))
+                continue
             cache, costs = _compressed(engine, context, cell)
             question_started = time.perf_counter()
             first_logits = context.result.last_logits if suffix is None else engine.feed(cache, suffix)
@@ -282,8 +376,12 @@ def _multi_request(engine, sample, cells, wanted, request, force, outcome):
 
     context = _prefill(engine, sample, 0, request, False, force, outcome)
     references: dict[int, tuple] = {}
+    memo: dict = {}
     with tempfile.TemporaryDirectory(prefix="kvlab-bench-") as folder:
         for cell in _ordered(cells):
+            if cell.family == "input":  # the reference (full) came first: every question has its answer
+                yield from _input_requests(engine, context, cell, wanted, references, memo)
+                continue
             cache, costs = _compressed(engine, context, cell)
             if cell.quantization is None:
                 stored = cache
@@ -315,6 +413,23 @@ def _multi_request(engine, sample, cells, wanted, request, force, outcome):
                            question_s=question_s, decode_s=generation.seconds, decode_tokens=len(generation.token_ids),
                            matches_full=produced == references[index][0],
                            kl_vs_full=mean_kl_divergence(references[index][1], log_probs))
+
+
+def _input_requests(engine, context, cell, wanted, references, memo):
+    """Multi-request mode for an input cell: every question answered from the cell's shortened prefill (one per
+    question for a method that reads it), from memory."""
+    sample = context.sample
+    for index in range(len(sample.questions)):
+        if (index, cell) not in wanted:
+            continue
+        cache, costs, first_logits, question_s = _input_cell(engine, context, index, cell, False, memo)
+        generation, produced = _answer(engine, cache, first_logits, sample.max_new_tokens)
+        reference_ids, reference_log_probs = references[index]
+        log_probs = teacher_forced_log_probs(engine.model, cache, first_logits, reference_ids)
+        prediction = engine.tokenizer.decode(generation.token_ids, skip_special_tokens=True).strip()
+        yield _row(context, index, cell, prediction, costs, question_s=question_s, decode_s=generation.seconds,
+                   decode_tokens=len(generation.token_ids), matches_full=produced == reference_ids,
+                   kl_vs_full=mean_kl_divergence(reference_log_probs, log_probs))
 
 
 def _multi_turn(engine, sample, cells, wanted, request, force, outcome):

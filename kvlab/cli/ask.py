@@ -25,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--question", required=True, help="question asked after the document")
     add_model_arguments(parser)
     add_policy_arguments(parser)
+    parser.add_argument("--method", default=None,
+                        help="input-level method instead of a KV policy: shorten the document's text to the budget "
+                             "(--ratio, default 0.5, or --budget), then prefill it whole: rag_bm25, rag_dense, "
+                             "selective_context, llmlingua; -p sets its parameters")
     add_kv_quant_argument(parser)
     parser.add_argument("--query-aware", action="store_true",
                         help="put the question in the prefix so the policy can score with it (SnapKV's setting); "
@@ -52,20 +56,30 @@ def run(args: argparse.Namespace) -> int:
             from kvlab.errors import ParameterError
 
             raise ParameterError(f"{flag} is empty; give a file path (or, for --cache, a store key prefix)")
+    if args.method and (args.cache or args.policy != "full"):
+        from kvlab.errors import ParameterError
+
+        raise ParameterError("--method shortens the document's text and keeps its cache whole; drop --policy and "
+                             "give the document with --context-file (not --cache)")
     if args.cache:
         return run_cached(args, sampling)
     context = read_text(args.context_file)
-    policy = policy_from_args(args)
+    policy = None if args.method else policy_from_args(args)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, weights=args.weights,
                         progress=not args.json)
     engine = Engine(loaded, chunk_tokens=args.chunk_tokens)
-    answer = engine.ask(context, args.question, policy, ratio=ratio_from_args(args), budget_tokens=args.budget,
-                        query_aware=args.query_aware, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                        force=args.force, progress=not args.json, answer_prefix=args.answer_prefix,
-                        kv_quant=kv_quant_from_args(args))
+    options = dict(query_aware=args.query_aware, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                   force=args.force, progress=not args.json, answer_prefix=args.answer_prefix,
+                   kv_quant=kv_quant_from_args(args))
+    if policy is None:
+        answer = method_answer(engine, context, args, options)
+    else:
+        answer = engine.ask(context, args.question, policy, ratio=ratio_from_args(args), budget_tokens=args.budget,
+                            **options)
     # query-aware: the question is prefilled with the document; query-agnostic: the document alone is (the question
-    # is fed at the start of decoding and timed in neither figure)
-    prefilled = answer.context_tokens + (answer.question_tokens if args.query_aware else 0)
+    # is fed at the start of decoding and timed in neither figure); an input method prefills its shortened text
+    context_prefilled = answer.extra.get("input_context_tokens", answer.context_tokens)
+    prefilled = context_prefilled + (answer.question_tokens if args.query_aware else 0)
     if args.json:
         print(json.dumps({"model": loaded.name, "device": str(loaded.device), **answer.to_dict(),
                           "prefilled_tokens": prefilled}))
@@ -73,6 +87,23 @@ def run(args: argparse.Namespace) -> int:
         print(answer.answer)
         print(stats_line(answer, prefilled))
     return 0
+
+
+def method_answer(engine, context: str, args: argparse.Namespace, options: dict):
+    """Answer with the input method ``--method`` (its parameters from -p; ratio 0.5 unless --ratio or --budget)."""
+    from kvlab.errors import ParameterError
+    from kvlab.inputs import make_input_method
+    from kvlab.inputs.answer import ask_with_method
+
+    params = {}
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ParameterError(f"--param expects KEY=VALUE (got {item!r})")
+        params[key.strip()] = value.strip()
+    method = make_input_method(args.method, **params)
+    ratio = 0.5 if args.ratio is None and args.budget is None else args.ratio
+    return ask_with_method(engine, method, context, args.question, ratio=ratio, budget_tokens=args.budget, **options)
 
 
 def run_cached(args: argparse.Namespace, sampling) -> int:

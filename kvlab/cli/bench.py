@@ -24,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", default=None, help="comma-separated context lengths in tokens (e.g. 1024,2048)")
     parser.add_argument("--samples", type=int, default=None, help="samples per task and length")
     parser.add_argument("--policies", default=None,
-                        help="comma-separated policies (see `kvlab policies`); NAME:KEY=VALUE sets a parameter "
-                             "(e.g. kvzip:heads=shared)")
+                        help="comma-separated policies (see `kvlab policies`) and input methods (rag_bm25, "
+                             "rag_dense, selective_context, llmlingua: the context text is shortened to the same "
+                             "ratio); NAME:KEY=VALUE sets a parameter (e.g. kvzip:heads=shared)")
     parser.add_argument("--ratios", default=None, help="comma-separated eviction ratios in [0, 1)")
     parser.add_argument("--query-aware", action=argparse.BooleanOptionalAction, default=None,
                         help="put the question in the prefix before compressing (default: the preset's setting; "
