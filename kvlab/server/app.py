@@ -84,6 +84,7 @@ def metrics(request: Request) -> PlainTextResponse:
 # fields, a message list's punctuation) fits in the slack.
 JSON_BYTES_PER_CHAR = 6
 BODY_SLACK_BYTES = 1024 * 1024
+CLOSE = {"Connection": "close"}
 
 
 def text_body_limits(state: ServerState) -> dict[str, tuple[int, int]]:
@@ -122,7 +123,8 @@ class LimitBody:
         limit, message = self._limit(scope["path"])
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            return await send_error(send, ApiError(413, message, code="request_too_large"))
+            # Connection: close: the server hangs up instead of reading (and discarding) the rest of the body
+            return await send_error(send, ApiError(413, message, code="request_too_large", headers=CLOSE))
         received = 0
 
         async def limited_receive():
@@ -131,7 +133,7 @@ class LimitBody:
             if event["type"] == "http.request":
                 received += len(event.get("body", b""))
                 if received > limit:
-                    raise HTTPException(413, message)
+                    raise HTTPException(413, message, headers=CLOSE)
             return event
 
         return await self.app(scope, limited_receive, send)

@@ -167,7 +167,8 @@ def install_error_handlers(app: FastAPI, known_fields: set[str], private_roots: 
             return error_response(ApiError(405, f"{request.method} is not allowed on {request.url.path}",
                                            code="method_not_allowed", headers=dict(error.headers or {})))
         if error.status_code == 413:
-            return error_response(ApiError(413, str(error.detail), code="request_too_large"))
+            return error_response(ApiError(413, str(error.detail), code="request_too_large",
+                                           headers=dict(error.headers or {})))
         detail = error.detail if isinstance(error.detail, str) else json.dumps(error.detail)
         return error_response(ApiError(error.status_code, detail, type="invalid_request_error"))
 

@@ -130,6 +130,7 @@ def test_a_body_no_text_within_the_limit_could_fill_is_413_unread(bounded, held,
     response = httpx.post(f"{bounded.url}{path}", json={"model": MODEL, field: "x" * (limit + 1)}, timeout=10)
     error = error_of(response, 413)
     assert error["code"] == "request_too_large" and f"{tokens} tokens" in error["message"]
+    assert response.headers["connection"] == "close"  # hung up on, not read to the end
     assert time.perf_counter() - started < 5
     # just under the limit is read and refused by its length in characters instead
     response = httpx.post(f"{bounded.url}{path}", json={"model": MODEL, field: "x" * (limit - 4096)}, timeout=10)
