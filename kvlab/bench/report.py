@@ -22,11 +22,16 @@ from pathlib import Path
 from kvlab.bench.summary import (
     BUDGET_CAPTION,
     ERROR_BARS,
+    FAMILY_CAPTION,
     NOISE_RULE,
+    TASK_TYPE_CAPTION,
     best_cell_table,
     best_per_budget,
+    best_per_family_table,
+    best_per_task_type_table,
     compare_with_full,
     conclusion,
+    family_of,
     fraction_label,
     frontier,
     header_text,
@@ -68,7 +73,9 @@ LATENCY_CAPTION = ("Mean seconds per answer. Prefill: the document's one prefill
                    "decode s is that loop's time until the cell's answer ended, not the cell's own speed; decode "
                    "tok/s is given only for cells that decoded alone (benchmarks/decode_throughput.py times one cell "
                    "at a time). KV MiB held: bytes held while decoding; fp16 full MiB: the uncompressed cache at 2 "
-                   "bytes per element; compression = fp16 full / held.")
+                   "bytes per element; compression = fp16 full / held. For an input method (when the grid has "
+                   "one), prefill is that of the shortened text, compress is the method's own time, and prefill "
+                   "saved = (the full document's prefill - both) / the full document's prefill.")
 SCORE_RATIO_CAPTION = ("Mean score (error bars: ± one standard error) against the fraction of the document's tokens "
                        "evicted; colour = policy, line style and marker = KV quantization; horizontal lines are the "
                        "full cache (no eviction). A line that stays level while moving right keeps what the tasks "
@@ -110,7 +117,7 @@ def write_report(out_dir: Path, rows: list[dict], meta: dict) -> dict:
         {"meta": meta, "header": dict(header), "conclusion": opening, "rows": summary, "turns": turns,
          "best_per_budget": best_per_budget(summary), "compared_with_full": compare_with_full(rows)},
         indent=2) + "\n")
-    tables = table_sections(summary, turns)
+    tables = table_sections(summary, turns, rows)
     notes = _notes(meta)
     atomic_write_text(out_dir / "report.md", _markdown(header, opening, notes, tables))
     styles = PlotStyles.of(overall(summary))
@@ -126,12 +133,16 @@ def write_report(out_dir: Path, rows: list[dict], meta: dict) -> dict:
             "header": header_text(header)}
 
 
-def table_sections(summary: list[dict], turns: list[dict]) -> list[Section]:
+def table_sections(summary: list[dict], turns: list[dict], rows: list[dict]) -> list[Section]:
     """The report's tables, each with its caption; a table with nothing to show is left out."""
     sections = [Section("Scores", SCORES_CAPTION, table=score_table(summary)),
                 Section("Score per task", TASK_CAPTION, table=task_table(summary)),
                 Section("Score per turn", TURN_CAPTION, table=turn_table(turns)),
                 Section("Best cell per memory budget", BUDGET_CAPTION, table=best_cell_table(summary)),
+                Section("Best cell per budget and method family", FAMILY_CAPTION,
+                        table=best_per_family_table(summary)),
+                Section("Best cell per budget and task type", TASK_TYPE_CAPTION,
+                        table=best_per_task_type_table(rows)),
                 Section("Latency and memory", LATENCY_CAPTION, table=latency_table(summary))]
     return [section for section in sections if section.table]
 
@@ -294,8 +305,10 @@ def _fraction_axes(axis, fractions: list[float]) -> None:
 def _frontier_legend(styles: PlotStyles, cells: list[dict]) -> list:
     from matplotlib.lines import Line2D
 
-    placed = {cell["policy"] for cell in cells}
-    handles = [Line2D([], [], color=colour, marker="o", linestyle="none", label=name)
+    placed = {cell["policy"]: family_of(cell) for cell in cells}
+    several = len(set(placed.values()) - {"KV policy"}) > 0  # input methods present: say which family each is
+    handles = [Line2D([], [], color=colour, marker="o", linestyle="none",
+                      label=f"{name} ({placed[name]})" if several and name != "full" else name)
                for name, colour in styles.colours.items() if name in placed]
     for quantization in sorted({cell["quantization"] for cell in cells}, key=lambda q: (q is not None, str(q))):
         handles.append(Line2D([], [], color="grey", marker=styles.markers[quantization], linestyle="none",

@@ -43,6 +43,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     for (policy, ratio, quantization, task, length), members in sorted(groups.items(), key=_order):
         score, stderr = mean_and_stderr([row["score"] for row in members])
         entry = {"policy": policy, "ratio": ratio, "quantization": quantization, "task": task, "length": length,
+                 "family": members[0].get("family", "kv"),
+                 "method_query_aware": any(bool(row.get("method_query_aware")) for row in members),
                  "score": score, "stderr": stderr, "n": len(members),
                  "matches_full": sum(bool(row["matches_full"]) for row in members) / len(members)}
         for name in MEANS:
@@ -229,6 +231,62 @@ def best_cell_table(summary: list[dict], budgets: tuple[float, ...] = BUDGETS) -
     return "\n".join(lines)
 
 
+FAMILY_CAPTION = ("The best cell of each method family within each memory budget (same rules as the table above). "
+                  "KV policies evict from (and quantize) the cache of the whole document; input methods shorten the "
+                  "text before it is prefilled. Methods that read the question to decide what to keep (retrieval) "
+                  "have their own column: they cannot build a cache before the question is known.")
+TASK_TYPE_CAPTION = ("The best cell within each memory budget on each task type (tasks that differ only in their "
+                     "number, such as qa_1 and qa_2, pooled), with its score. Where the winners differ, no one "
+                     "method fits every kind of question.")
+
+
+def family_of(cell: dict) -> str:
+    """``KV policy``, ``input, query-agnostic`` or ``input, reads the question`` (for tables and legends)."""
+    if cell.get("family", "kv") != "input":
+        return "KV policy"
+    return "input, reads the question" if cell.get("method_query_aware") else "input, query-agnostic"
+
+
+def task_type(task: str) -> str:
+    """``qa_1`` → ``qa``, ``niah_multikey_2`` → ``niah_multikey``, ``vt`` → ``vt``."""
+    head, _, tail = task.rpartition("_")
+    return head if head and tail.isdigit() else task
+
+
+def best_per_family_table(summary: list[dict], budgets: tuple[float, ...] = BUDGETS) -> str:
+    """Budgets x families: the best cell of each family that fits (the full cache counts in every family, as the
+    reference each can fall back to); empty unless the grid has more than one family."""
+    cells = overall(summary)
+    families = sorted({family_of(cell) for cell in cells if cell["policy"] != "full"})
+    if len(families) < 2:
+        return ""
+    lines = ["| budget (of fp16 full) | " + " | ".join(families) + " |", "| --- |" + " --- |" * len(families)]
+    for budget in budgets:
+        entries = []
+        for family in families:
+            members = [cell for cell in summary if cell["policy"] == "full" or family_of(cell) == family]
+            best = best_per_budget(members, (budget,))[0]["best"]
+            entries.append("nothing fits" if best is None else f"{best['label']}: {best['score']:.3f}")
+        lines.append(f"| ≤ {fraction_label(budget)} | " + " | ".join(entries) + " |")
+    return "\n".join(lines)
+
+
+def best_per_task_type_table(rows: list[dict], budgets: tuple[float, ...] = BUDGETS) -> str:
+    """Budgets x task types: the best cell on that type's rows; empty with a single task type."""
+    types = sorted({task_type(row["task"]) for row in rows})
+    if len(types) < 2:
+        return ""
+    winners = {kind: best_per_budget(summarize([{**row, "task": kind} for row in rows
+                                                if task_type(row["task"]) == kind]), budgets)
+               for kind in types}
+    lines = ["| budget (of fp16 full) | " + " | ".join(types) + " |", "| --- |" + " --- |" * len(types)]
+    for index, budget in enumerate(budgets):
+        entries = [winners[kind][index]["best"] for kind in types]
+        lines.append(f"| ≤ {fraction_label(budget)} | " + " | ".join(
+            "nothing fits" if best is None else f"{best['label']}: {best['score']:.3f}" for best in entries) + " |")
+    return "\n".join(lines)
+
+
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom; beyond 30, 1.96 + 2.4 / df is within 0.002
 T_95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
@@ -366,17 +424,30 @@ def latency_table(summary: list[dict]) -> str:
     """Mean seconds per answer (prefill, compress, question, decode), how many cells shared the decode loop,
     decode tokens per second (only for a cell that decoded alone: a shared loop's time is not the cell's), and
     the KV bytes held against the fp16 full cache, one row per overall cell in grid order."""
+    cells = sorted(overall(summary), key=_cell_order)
+    inputs = any(row.get("family") == "input" for row in cells)
+    full_prefill = next((row.get("prefill_s") for row in cells if row["policy"] == "full"), None)
     lines = ["| policy @ ratio | prefill s | compress s | question s | decode s | cells per decode loop "
-             "| decode tok/s | KV MiB held | fp16 full MiB | compression vs fp16 |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for row in sorted(overall(summary), key=_cell_order):
+             "| decode tok/s | KV MiB held | fp16 full MiB | compression vs fp16 |"
+             + (" prefill saved |" if inputs else ""),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if inputs else "")]
+    for row in cells:
         tokens, seconds, together = row.get("decode_tokens"), row.get("decode_s"), row.get("decode_rows") or 1
         rate = tokens / seconds if tokens is not None and seconds and together <= 1 else None
         lines.append(f"| {cell_label(row)} | {_number(row.get('prefill_s'), 2)} | {_number(row.get('compress_s'), 3)} "
                      f"| {_number(row.get('question_s'), 3)} | {_number(seconds, 2)} | {together:.0f} "
                      f"| {_number(rate, 1)} | {_number(_mib(row.get('kv_bytes_kept')), 2)} "
-                     f"| {_number(_mib(row.get('kv_bytes_full_fp16')), 2)} | {_times(row.get('compression'))} |")
+                     f"| {_number(_mib(row.get('kv_bytes_full_fp16')), 2)} | {_times(row.get('compression'))} |"
+                     + (f" {_saved(row, full_prefill)} |" if inputs else ""))
     return "\n".join(lines)
+
+
+def _saved(row: dict, full_prefill: float | None) -> str:
+    """An input method's prefill time saved against the full document's, net of its own time (compress s)."""
+    prefill, method = row.get("prefill_s"), row.get("compress_s") or 0.0
+    if row.get("family") != "input" or prefill is None or not full_prefill:
+        return "-"
+    return f"{(full_prefill - prefill - method) / full_prefill:+.0%}"
 
 
 def run_header(rows: list[dict], state: dict) -> list[tuple[str, str]]:

@@ -117,7 +117,8 @@ def test_every_table_and_plot_has_a_caption_and_the_plus_minus_is_defined_once(t
     page = paths["html"].read_text()
     sections = page.split("<h2>")[1:]
     titles = [section.split("</h2>")[0] for section in sections]
-    assert titles == ["Summary", "Scores", "Score per task", "Best cell per memory budget", "Latency and memory",
+    assert titles == ["Summary", "Scores", "Score per task", "Best cell per memory budget",
+                      "Best cell per budget and task type", "Latency and memory",
                       "Score vs eviction ratio", "Budget frontier: score vs memory",
                       "Needle retrieval by depth and length", "Fidelity vs KV bytes kept"]
     for title, section in zip(titles[1:], sections[1:]):
@@ -127,7 +128,7 @@ def test_every_table_and_plot_has_a_caption_and_the_plus_minus_is_defined_once(t
     assert page.count("one standard error of the mean score") == 1 and ERROR_BARS in page.replace("&#x27;", "'")
     markdown = paths["markdown"].read_text()
     blocks = markdown.split("\n### ")[1:]
-    assert [block.split("\n")[0] for block in blocks] == ["Summary"] + titles[1:5]
+    assert [block.split("\n")[0] for block in blocks] == ["Summary"] + titles[1:6]
     for block in blocks[1:]:                                  # each table is followed by its caption
         table, caption = block.split("\n\n")[1:3]
         assert table.startswith("| policy") or table.startswith("| budget")
@@ -193,3 +194,46 @@ def test_bench_and_report_print_the_same_header(tmp_path, data_file, capsys):
     assert re.fullmatch(r"\d+\.\d s, 2 prefills", lines["Wall time"])           # not `wall_s: 0.83142...`
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d \(.+\)", lines["Date"])
     assert "- Wall time: " + lines["Wall time"] in (out / "report.md").read_text()
+
+
+def family_rows() -> list[dict]:
+    """Two task types; full (fp32), snapkv (KV) at 1/5, rag_bm25 (input, reads the question) and selective_context
+    (input, query-agnostic) at 1/10 of the fp16 bytes. rag wins on qa, snapkv on vt."""
+    rows = []
+    for task in ("qa_1", "qa_2", "vt"):
+        for i in range(4):
+            rows.append(row("full", 0.0, i, 1, 2000, task=task, family="kv"))
+            rows.append(row("snapkv", 0.5, i, int(task == "vt"), 200, task=task, family="kv"))
+            rows.append(row("rag_bm25", 0.9, i, int(task != "vt"), 100, task=task, family="input",
+                            method_query_aware=True, prefill_s=0.2, compress_s=0.1))
+            rows.append(row("selective_context", 0.9, i, 0, 100, task=task, family="input",
+                            method_query_aware=False, prefill_s=0.2, compress_s=1.2))
+    return rows
+
+
+def test_the_best_cell_per_budget_is_given_per_family_and_per_task_type():
+    from kvlab.bench.summary import best_per_family_table, best_per_task_type_table
+
+    rows = family_rows()
+    summary = summarize(rows)
+    families = best_per_family_table(summary).splitlines()
+    assert families[0] == ("| budget (of fp16 full) | KV policy | input, query-agnostic | input, reads the question |")
+    assert "| ≤ 1/8 | nothing fits | selective_context @ 0.9: 0.000 | rag_bm25 @ 0.9: 0.667 |" in families
+    assert "| ≤ 1/4 | snapkv @ 0.5: 0.333 | selective_context @ 0.9: 0.000 | rag_bm25 @ 0.9: 0.667 |" in families
+    types = best_per_task_type_table(rows).splitlines()
+    assert types[0] == "| budget (of fp16 full) | qa | vt |"  # qa_1 and qa_2 pooled
+    assert "| ≤ 1/4 | rag_bm25 @ 0.9: 1.000 | snapkv @ 0.5: 1.000 |" in types
+    # a grid of KV policies only has no family table
+    assert best_per_family_table(summarize([r for r in rows if r["family"] == "kv"])) == ""
+
+
+def test_the_latency_table_shows_an_input_methods_prefill_saved_net_of_its_own_time():
+    table = latency_table(summarize(family_rows())).splitlines()
+    assert table[0].endswith("| prefill saved |")
+    rag = next(line for line in table if line.startswith("| rag_bm25 @ 0.9 |"))
+    selective = next(line for line in table if line.startswith("| selective_context @ 0.9 |"))
+    snapkv = next(line for line in table if line.startswith("| snapkv @ 0.5 |"))
+    assert rag.endswith("| +85% |")  # (2.0 - 0.2 - 0.1) / 2.0
+    assert selective.endswith("| +30% |")  # (2.0 - 0.2 - 1.2) / 2.0
+    assert snapkv.endswith("| - |")
+    assert not latency_table(summarize(graded_rows())).splitlines()[0].endswith("prefill saved |")
