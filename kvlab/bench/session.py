@@ -125,7 +125,7 @@ def run_bench(request: BenchRequest, *, progress: bool = True, loaded=None) -> B
     outcome = run_grid(engine, samples, cells, results, mode=request.mode, query_aware=request.query_aware,
                        seed=request.seed,
                        force=request.force, run_info=run_info, progress=progress)
-    state = _update_run_file(out_dir, run_info, request, outcome, started)
+    state = _update_run_file(out_dir, run_info, request, outcome, started, str(engine.loaded.device))
     meta = {**run_info, "mode": request.mode, "query_aware": request.query_aware,
             "quantizations": [q or "none" for q in request.quantizations],
             "tasks": [request.data_file] if request.data_file else list(request.tasks),
@@ -176,7 +176,8 @@ def _check_folder(out_dir: Path, run_info: dict, request: BenchRequest) -> None:
                          f"choose another --out folder for {request.model!r}")
 
 
-def _update_run_file(out_dir: Path, run_info: dict, request: BenchRequest, outcome, started: float) -> dict:
+def _update_run_file(out_dir: Path, run_info: dict, request: BenchRequest, outcome, started: float,
+                     device: str | None = None) -> dict:
     run_file = out_dir / "run.json"
     state = json.loads(run_file.read_text(encoding="utf-8")) if run_file.exists() else {"prefills": 0, "wall_s": 0.0}
     state.update(run_info)
@@ -186,8 +187,22 @@ def _update_run_file(out_dir: Path, run_info: dict, request: BenchRequest, outco
     state["mode"] = request.mode
     state["last_request"] = asdict(request)
     state["last_run_started"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))
+    state["machine"] = machine_description(device)
     atomic_write_text(run_file, json.dumps(state, indent=2) + "\n")
     return state
+
+
+def machine_description(device: str | None = None) -> str:
+    """Where the run ran, in words: the GPU's name, or the CPU's architecture, cores and torch threads."""
+    import os
+    import platform
+
+    import torch
+
+    if device and device.startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(torch.device(device))} (CUDA), torch {torch.__version__}"
+    return (f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}")
 
 
 def report_folder(folder: str) -> dict:

@@ -193,6 +193,7 @@ def test_bench_and_report_print_the_same_header(tmp_path, data_file, capsys):
     assert lines["Samples"] == "2 (2 per task and length); 4 answers over 2 cells"
     assert re.fullmatch(r"\d+\.\d s, 2 prefills", lines["Wall time"])           # not `wall_s: 0.83142...`
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d \(.+\)", lines["Date"])
+    assert re.fullmatch(r".+ CPU, \d+ cores, \d+ torch threads, torch .+", lines["Machine"])  # recorded in run.json
     assert "- Wall time: " + lines["Wall time"] in (out / "report.md").read_text()
 
 
