@@ -85,6 +85,12 @@ class Document:
         """Consecutive chunks of ``chunk_tokens`` tokens (the last may be shorter)."""
         return [Unit(start, min(start + chunk_tokens, self.tokens)) for start in range(0, self.tokens, chunk_tokens)]
 
+    def word_starts(self, positions: Sequence[int]) -> list[int]:
+        """Indices into ``positions`` (token indices, ascending) where a new word starts: the first, and every token
+        whose text starts with whitespace. Digits, word pieces and trailing punctuation stay with their word."""
+        return [index for index, token in enumerate(positions)
+                if index == 0 or self.text[self.char_starts[token]:self.char_starts[token] + 1].isspace()]
+
     def single_tokens(self) -> list[Unit]:
         return [Unit(index, index + 1) for index in range(self.tokens)]
 

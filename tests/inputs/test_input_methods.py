@@ -164,6 +164,32 @@ def test_llmlingua_coarse_stage_keeps_whole_sentences(engine):
     assert len(tokens) <= document.tokens // 3
 
 
+@pytest.mark.parametrize("unit", ["word", "token"])
+def test_llmlingua_fine_stage_keeps_whole_words_or_single_tokens(engine, unit):
+    """unit=word keeps or drops each word whole (a number is never cut to some of its digits), picked by total
+    self-information; unit=token is the paper's rule, picked token by token."""
+    document = Document(engine.tokenizer, document_text())
+    lingua = make_input_method("llmlingua", segment_tokens=1000, unit=unit)  # one segment: the first is unscored
+    tokens = list(range(document.tokens))
+    kept, _ = lingua.fine_tokens(engine, document, tokens, budget_tokens=document.tokens // 2)
+    assert len(kept) <= document.tokens // 2
+    starts = document.word_starts(tokens)
+    words = [set(range(a, b)) for a, b in zip(starts, starts[1:] + [document.tokens])]
+    whole = all(word <= set(kept) or not word & set(kept) for word in words)
+    number = next(word for word in words if "48213" in document.text_of([Unit(min(word), max(word) + 1)]))
+    assert len(number) > 1  # the tiny tokenizer splits the number: the test can tell the rules apart
+    if unit == "word":
+        assert whole
+        info = token_self_information(engine, document.ids)
+        totals = [float(info[sorted(word)].sum()) for word in words[1:]]
+        kept_totals = [total for word, total in zip(words[1:], totals) if word <= set(kept)]
+        dropped = [total for word, total in zip(words[1:], totals) if not word & set(kept)]
+        # greedy by total: every dropped word is less informative than the least kept one, unless it did not fit
+        assert max(dropped) <= max(kept_totals)
+    else:
+        assert not whole  # token by token, some word is cut
+
+
 def test_keep_best_fills_a_budget_smaller_than_any_unit(tiny_llama):
     document = Document(tiny_llama.tokenizer, document_text())
     units = document.chunks(100)
