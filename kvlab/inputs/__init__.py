@@ -7,13 +7,11 @@ methods through the ``kvlab.inputs`` entry-point group.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import importlib
-import typing
 from typing import TYPE_CHECKING, Any
 
-from kvlab.errors import ParameterError, UnknownPolicyError
+from kvlab.errors import UnknownPolicyError
+from kvlab.policies import build_from_params
 from kvlab.registry import Registry
 
 if TYPE_CHECKING:
@@ -42,25 +40,7 @@ def is_input_method(name: str) -> bool:
 def make_input_method(name: str, **params: Any) -> InputMethod:
     """Build an input method; string values are converted to the field's type; unknown keys are refused."""
     cls = INPUT_METHODS.get(name)
-    fields = {field.name: field for field in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    converted = {}
-    for key, value in params.items():
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.4)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ParameterError(f"{name} has no parameter {key!r}.{hint} Its parameters: {', '.join(fields)}")
-        converted[key] = _convert(name, key, value, hints[key])
-    return cls(**converted)
-
-
-def _convert(method: str, key: str, value: Any, target: type) -> Any:
-    if not isinstance(value, str) or target is str:
-        return value
-    try:
-        return target(value)
-    except ValueError:
-        raise ParameterError(f"{method}: {key} must be a {target.__name__} (got {value!r})") from None
+    return build_from_params(name, cls, params)
 
 
 BUILTIN_INPUT_MODULES = ("llmlingua", "rag_bm25", "rag_dense", "selective_context")

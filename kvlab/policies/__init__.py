@@ -39,7 +39,12 @@ def policy_class(name: str) -> type:
 
 def make_policy(name: str, **params: Any):
     """Build a policy; string values (from the CLI) are converted to each field's type; unknown keys are refused."""
-    cls = POLICIES.get(name)
+    return build_from_params(name, POLICIES.get(name), params)
+
+
+def build_from_params(name: str, cls: type, params: dict[str, Any]):
+    """``cls(**params)`` for a frozen dataclass of parameters (a policy, an input method): string values (from the
+    CLI) are converted to each field's type; an unknown key is refused with the closest name and the known ones."""
     fields = {field.name: field for field in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     converted = {}
@@ -77,4 +82,4 @@ def _import_builtin_policies() -> None:
 
 _import_builtin_policies()
 
-__all__ = ["POLICIES", "list_policies", "make_policy", "policy_class", "register_policy"]
+__all__ = ["POLICIES", "build_from_params", "list_policies", "make_policy", "policy_class", "register_policy"]
