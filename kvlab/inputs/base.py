@@ -164,12 +164,16 @@ class InputMethod:
                budget_tokens: int | None = None) -> Reduction:
         """Shorten ``context`` to the budget given by ``ratio`` (fraction of its tokens dropped) or
         ``budget_tokens``; a context already within the budget is returned unchanged."""
+        from kvlab.inputs.surprisal import charging
+
         started = time.perf_counter()
         document = Document(engine.tokenizer, context)
         budget = resolve_budget(ratio, budget_tokens, max(1, document.tokens))
-        text = context if budget >= document.tokens else self.select(engine, document, question, budget)
+        with charging() as charge:  # a scoring pass reused from another cell still counts in this one's time
+            text = context if budget >= document.tokens else self.select(engine, document, question, budget)
         return Reduction(text=text, budget_tokens=budget, original_tokens=document.tokens,
-                         reduced_tokens=document.count_tokens(text), seconds=time.perf_counter() - started)
+                         reduced_tokens=document.count_tokens(text),
+                         seconds=time.perf_counter() - started + charge.reused_s)
 
     def params(self) -> dict[str, Any]:
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}

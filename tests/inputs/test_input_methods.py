@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -188,6 +190,25 @@ def test_llmlingua_fine_stage_keeps_whole_words_or_single_tokens(engine, unit):
         assert max(dropped) <= max(kept_totals)
     else:
         assert not whole  # token by token, some word is cut
+
+
+def test_a_reused_scoring_pass_is_still_charged_to_each_reduction(engine, monkeypatch):
+    """selective_context at two ratios scores the document once, but both reductions report the pass's time."""
+    import kvlab.inputs.surprisal as surprisal
+
+    monkeypatch.setattr(surprisal, "_REMEMBERED", {})
+    real_feed = surprisal.feed_scored
+
+    def slow_feed(*args, **kwargs):
+        time.sleep(0.3)  # the pass, made slow enough to tell apart from the selection itself
+        return real_feed(*args, **kwargs)
+
+    monkeypatch.setattr(surprisal, "feed_scored", slow_feed)
+    method = make_input_method("selective_context")
+    first = method.reduce(engine, document_text(), QUESTION, ratio=0.5)
+    second = method.reduce(engine, document_text(), QUESTION, ratio=0.75)
+    assert len(surprisal._REMEMBERED) == 1  # one pass between them
+    assert first.seconds >= 0.3 and second.seconds >= 0.3
 
 
 def test_keep_best_fills_a_budget_smaller_than_any_unit(tiny_llama):
