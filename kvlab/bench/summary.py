@@ -256,19 +256,12 @@ def task_type(task: str) -> str:
 def best_per_family_table(summary: list[dict], budgets: tuple[float, ...] = BUDGETS) -> str:
     """Budgets x families: the best cell of each family that fits (the full cache counts in every family, as the
     reference each can fall back to); empty unless the grid has more than one family."""
-    cells = overall(summary)
-    families = sorted({family_of(cell) for cell in cells if cell["policy"] != "full"})
+    families = sorted({family_of(cell) for cell in overall(summary) if cell["policy"] != "full"})
     if len(families) < 2:
         return ""
-    lines = ["| budget (of fp16 full) | " + " | ".join(families) + " |", "| --- |" + " --- |" * len(families)]
-    for budget in budgets:
-        entries = []
-        for family in families:
-            members = [cell for cell in summary if cell["policy"] == "full" or family_of(cell) == family]
-            best = best_per_budget(members, (budget,))[0]["best"]
-            entries.append("nothing fits" if best is None else f"{best['label']}: {best['score']:.3f}")
-        lines.append(f"| ≤ {fraction_label(budget)} | " + " | ".join(entries) + " |")
-    return "\n".join(lines)
+    return _best_by_column({family: best_per_budget([cell for cell in summary if cell["policy"] == "full"
+                                                     or family_of(cell) == family], budgets)
+                            for family in families}, budgets)
 
 
 def best_per_task_type_table(rows: list[dict], budgets: tuple[float, ...] = BUDGETS) -> str:
@@ -276,14 +269,19 @@ def best_per_task_type_table(rows: list[dict], budgets: tuple[float, ...] = BUDG
     types = sorted({task_type(row["task"]) for row in rows})
     if len(types) < 2:
         return ""
-    winners = {kind: best_per_budget(summarize([{**row, "task": kind} for row in rows
-                                                if task_type(row["task"]) == kind]), budgets)
-               for kind in types}
-    lines = ["| budget (of fp16 full) | " + " | ".join(types) + " |", "| --- |" + " --- |" * len(types)]
+    return _best_by_column({kind: best_per_budget(summarize([{**row, "task": kind} for row in rows
+                                                              if task_type(row["task"]) == kind]), budgets)
+                            for kind in types}, budgets)
+
+
+def _best_by_column(columns: dict[str, list[dict]], budgets: tuple[float, ...]) -> str:
+    """A budgets x columns table of ``best_per_budget`` results (one list per column, in the order of
+    ``budgets``): each cell is the best cell's label and score, or "nothing fits"."""
+    lines = ["| budget (of fp16 full) | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
     for index, budget in enumerate(budgets):
-        entries = [winners[kind][index]["best"] for kind in types]
+        winners = [entries[index]["best"] for entries in columns.values()]
         lines.append(f"| ≤ {fraction_label(budget)} | " + " | ".join(
-            "nothing fits" if best is None else f"{best['label']}: {best['score']:.3f}" for best in entries) + " |")
+            "nothing fits" if best is None else f"{best['label']}: {best['score']:.3f}" for best in winners) + " |")
     return "\n".join(lines)
 
 
