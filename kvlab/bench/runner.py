@@ -36,7 +36,7 @@ import difflib
 import resource
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,58 +153,122 @@ class _Context:
     question_index: int = 0
 
 
-def run_grid(engine: Engine, samples: list[Sample], cells: list[Cell], results: ResultsFile, *,
-             mode: str = "single", query_aware: bool = False, seed: int = 0, force: bool = False,
-             run_info: dict | None = None, progress: bool = True) -> BenchProgress:
-    """Answer every question of every sample under every cell; append one row per answer to ``results``."""
-    if mode not in MODES:
-        raise ParameterError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-    if query_aware and mode != "single":
-        raise ParameterError(f"--query-aware needs mode single: in {mode} mode the context is shared by questions "
-                             f"it cannot know in advance")
-    started = time.perf_counter()
-    outcome = BenchProgress()
-    if mode == "multi-turn" and any(cell.family == "input" for cell in cells):
-        names = ", ".join(sorted({cell.policy.name for cell in cells if cell.family == "input"}))
-        raise ParameterError(f"input methods ({names}) choose the context before it is prefilled, which multi-turn "
-                             f"follow-ups cannot wait for; run them with --mode single or multi-request")
+@dataclass(frozen=True)
+class GridSettings:
+    """What every row of a run shares, besides its model (``run_info``): checked once, stamped on each row."""
+
+    mode: str = "single"
+    query_aware: bool = False
+    seed: int = 0
+    force: bool = False
+    run_info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ParameterError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
+        if self.query_aware and self.mode != "single":
+            raise ParameterError(f"--query-aware needs mode single: in {self.mode} mode the context is shared by "
+                                 f"questions it cannot know in advance")
+
+    @property
+    def stamp(self) -> dict:
+        return {"mode": self.mode, "query_aware": self.query_aware, "seed": self.seed, **self.run_info}
+
+    def check_cells(self, cells: list[Cell]) -> None:
+        if self.mode == "multi-turn" and any(cell.family == "input" for cell in cells):
+            names = ", ".join(sorted({cell.policy.name for cell in cells if cell.family == "input"}))
+            raise ParameterError(f"input methods ({names}) choose the context before it is prefilled, which "
+                                 f"multi-turn follow-ups cannot wait for; run them with --mode single or "
+                                 f"multi-request")
+
+
+@dataclass(frozen=True)
+class SampleJob:
+    """One unit of work: a sample and the (question index, cell index) pairs it still owes; ``cells`` indexes the
+    run's grid, so a remote worker that built the same grid from the same specs reads the same cells."""
+
+    sample: Sample
+    wanted: tuple[tuple[int, int], ...]
+
+    @property
+    def answers(self) -> int:
+        return len(self.wanted)
+
+
+def plan_jobs(samples: list[Sample], cells: list[Cell], done_rows: list[dict],
+              settings: GridSettings) -> tuple[list[SampleJob], int]:
+    """The samples with work left, each with the answers it owes, and how many answers are already done."""
+    done = {cell_key(row) for row in done_rows}
+    jobs, skipped = [], 0
+    for sample in samples:
+        wanted = tuple((index, number) for index in range(len(sample.questions))
+                       for number, cell in enumerate(cells)
+                       if cell_key(_identity(sample, index, cell, settings.stamp)) not in done)
+        skipped += len(sample.questions) * len(cells) - len(wanted)
+        if wanted:
+            jobs.append(SampleJob(sample, wanted))
+    return jobs, skipped
+
+
+def run_sample(engine: Engine, job: SampleJob, cells: list[Cell], settings: GridSettings,
+               request: ObservationRequest | None = None) -> tuple[list[dict], int]:
+    """Every answer ``job`` owes, as finished rows, and the prefills it took: what a worker of
+    ``kvlab.bench.distributed`` returns for one sample."""
+    counter = BenchProgress()
+    rows = list(sample_rows(engine, job, cells, settings, request or observation_request(cells), counter))
+    return rows, counter.prefills
+
+
+def sample_rows(engine: Engine, job: SampleJob, cells: list[Cell], settings: GridSettings,
+                request: ObservationRequest, outcome: BenchProgress) -> Iterator[dict]:
+    """The one place a sample is run, serially or on a worker: its rows as each is measured, stamped with the run
+    settings and this process's peak RSS; ``outcome`` counts the prefills."""
+    wanted = {(index, cells[number]) for index, number in job.wanted}
+    mode, query_aware, force = settings.mode, settings.query_aware, settings.force
+    if mode == "single":
+        produced = _single(engine, job.sample, cells, wanted, request, query_aware, force, outcome)
+    elif mode == "multi-request":
+        produced = _multi_request(engine, job.sample, cells, wanted, request, force, outcome)
+    else:
+        produced = _multi_turn(engine, job.sample, cells, wanted, request, force, outcome)
+    for row in produced:
+        row.update(settings.stamp)
+        if row["family"] == "kv":
+            row["method_query_aware"] = query_aware
+        row["peak_rss_mib"] = peak_rss_mib()
+        yield row
+
+
+def observation_request(cells: list[Cell]) -> ObservationRequest:
+    """What the grid's policies observe during a prefill: the union of their requests, recorded once."""
     request = ObservationRequest()
     for cell in cells:
         if isinstance(cell.policy, Policy):
             request = request.union(cell.policy.observation_request())
-    settings = {"mode": mode, "query_aware": query_aware, "seed": seed, **(run_info or {})}
+    return request
+
+
+def run_grid(engine: Engine, samples: list[Sample], cells: list[Cell], results: ResultsFile, *,
+             mode: str = "single", query_aware: bool = False, seed: int = 0, force: bool = False,
+             run_info: dict | None = None, progress: bool = True) -> BenchProgress:
+    """Answer every question of every sample under every cell; append one row per answer to ``results``."""
+    settings = GridSettings(mode, query_aware, seed, force, dict(run_info or {}))
+    settings.check_cells(cells)
+    started = time.perf_counter()
+    outcome = BenchProgress()
+    request = observation_request(cells)
     total = sum(len(sample.questions) for sample in samples) * len(cells)
     bar = tqdm(total=total, unit="answer", desc=f"bench {mode}", disable=not progress, dynamic_ncols=True)
-
-    def record(row: dict) -> None:
-        row.update(settings)
-        if row["family"] == "kv":
-            row["method_query_aware"] = query_aware
-        row["peak_rss_mib"] = peak_rss_mib()
-        results.append(row)
-        outcome.rows.append(row)
-        outcome.rows_written += 1
-        bar.update(1)
-        bar.set_postfix_str(f"{row['task']} {row['policy']}@{row['ratio']:g}: {row['score']:.2f}")
-
     try:
-        done = {cell_key(row) for row in results.rows}
-        for sample in samples:
-            wanted = {(index, cell) for index in range(len(sample.questions)) for cell in cells
-                      if cell_key(_identity(sample, index, cell, settings)) not in done}
-            skipped = len(sample.questions) * len(cells) - len(wanted)
-            outcome.cells_skipped += skipped
-            bar.update(skipped)
-            if not wanted:
-                continue
-            if mode == "single":
-                rows = _single(engine, sample, cells, wanted, request, query_aware, force, outcome)
-            elif mode == "multi-request":
-                rows = _multi_request(engine, sample, cells, wanted, request, force, outcome)
-            else:
-                rows = _multi_turn(engine, sample, cells, wanted, request, force, outcome)
-            for row in rows:
-                record(row)
+        jobs, outcome.cells_skipped = plan_jobs(samples, cells, results.rows, settings)
+        bar.update(outcome.cells_skipped)
+        for job in jobs:
+            for row in sample_rows(engine, job, cells, settings, request, outcome):  # written as measured
+                results.append(row)
+                outcome.rows.append(row)
+                outcome.rows_written += 1
+                bar.update(1)
+                bar.set_postfix_str(f"{row['task']} {row['policy']}@{row['ratio']:g}: {row['score']:.2f}")
     except KeyboardInterrupt:
         outcome.interrupted = True
     finally:
@@ -463,4 +527,5 @@ def run_info_for(engine: Engine) -> dict:
             "weights": engine.loaded.weights}
 
 
-__all__ = ["MODES", "BenchProgress", "Cell", "grid", "run_grid", "run_info_for"]
+__all__ = ["MODES", "BenchProgress", "Cell", "GridSettings", "SampleJob", "grid", "observation_request", "plan_jobs",
+           "run_grid", "run_info_for", "run_sample", "sample_rows"]

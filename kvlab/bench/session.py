@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kvlab.bench.presets import PRESETS, get_preset
 from kvlab.bench.report import write_report
 from kvlab.bench.results import ResultsFile
-from kvlab.bench.runner import grid, run_grid, run_info_for
+from kvlab.bench.formats import load_data
+from kvlab.bench.runner import GridSettings, grid, run_grid, run_info_for
 from kvlab.errors import KvlabError, ParameterError
 from kvlab.fileio import atomic_write_text
 
@@ -86,10 +87,11 @@ class BenchOutcome:
     interrupted: bool
     prefills: int
     rows_written: int
+    failures: list[dict] = field(default_factory=list)  # samples given up after their retries (Ray runs)
+    worker_restarts: int = 0  # Ray runs: workers that died mid-sample and were restarted
 
 
 def build_samples(request: BenchRequest, tokenizer) -> list:
-    from kvlab.bench.formats import load_data
     from kvlab.bench.tasks import make_samples
 
     if request.data_file:
@@ -103,29 +105,46 @@ def build_samples(request: BenchRequest, tokenizer) -> list:
                                        haystack_dir=request.haystack_dir)]
 
 
-def run_bench(request: BenchRequest, *, progress: bool = True, loaded=None) -> BenchOutcome:
-    """Run (or resume) the grid of ``request`` into ``request.out_dir``; ``loaded`` reuses a loaded model."""
-    from kvlab.engine import Engine
-    from kvlab.models import load_model
-
+def run_bench(request: BenchRequest, *, progress: bool = True, loaded=None, ray=None,
+              on_sample=None) -> BenchOutcome:
+    """Run (or resume) the grid of ``request`` into ``request.out_dir``; ``loaded`` reuses a loaded model;
+    ``ray`` (``distributed.RayOptions``) runs the samples on Ray workers instead of in this process
+    (``on_sample`` is then called after each finished sample)."""
     cells = grid(list(request.policies), list(request.ratios), list(request.quantizations))  # fails before loading
+    settings_of = lambda run_info: GridSettings(request.mode, request.query_aware, request.seed, request.force,
+                                                run_info)
     out_dir = Path(request.out_dir)
-    loaded = loaded or load_model(request.model, device=request.device, dtype=request.dtype,
-                                  weights=request.weights, progress=progress)
-    engine = Engine(loaded, chunk_tokens=request.chunk_tokens)
-    run_info = run_info_for(engine)
-    _check_folder(out_dir, run_info, request)
-    samples = build_samples(request, loaded.tokenizer)
-    if loaded.weights != "fp" and samples:
-        meta_fidelity = weights_fidelity(request, loaded, samples[0].context)
-    else:
-        meta_fidelity = None
     results = ResultsFile(out_dir / "results.jsonl")
     started = time.time()
-    outcome = run_grid(engine, samples, cells, results, mode=request.mode, query_aware=request.query_aware,
-                       seed=request.seed,
-                       force=request.force, run_info=run_info, progress=progress)
-    state = _update_run_file(out_dir, run_info, request, outcome, started, str(engine.loaded.device))
+    if ray is not None:
+        from kvlab.bench.distributed import RayPool
+
+        with RayPool(request, ray, progress=progress) as pool:
+            run_info = pool.run_info
+            _check_folder(out_dir, run_info, request)
+            samples = load_data(request.data_file) if request.data_file else pool.samples()
+            meta_fidelity = pool.weights_fidelity(samples[0].context) if request.weights != "fp" and samples else None
+            outcome = pool.run(samples, cells, results, settings_of(run_info), on_sample=on_sample)
+            machine = pool.machine
+    else:
+        from kvlab.engine import Engine
+        from kvlab.models import load_model
+
+        loaded = loaded or load_model(request.model, device=request.device, dtype=request.dtype,
+                                      weights=request.weights, progress=progress)
+        engine = Engine(loaded, chunk_tokens=request.chunk_tokens)
+        run_info = run_info_for(engine)
+        _check_folder(out_dir, run_info, request)
+        samples = build_samples(request, loaded.tokenizer)
+        if loaded.weights != "fp" and samples:
+            meta_fidelity = weights_fidelity(request, loaded, samples[0].context)
+        else:
+            meta_fidelity = None
+        outcome = run_grid(engine, samples, cells, results, mode=request.mode, query_aware=request.query_aware,
+                           seed=request.seed, force=request.force, run_info=run_info, progress=progress)
+        machine = machine_description(str(engine.loaded.device))
+    failures = [asdict(failure) for failure in getattr(outcome, "failures", [])]
+    state = _update_run_file(out_dir, run_info, request, outcome, started, machine, failures)
     meta = {**run_info, "mode": request.mode, "query_aware": request.query_aware,
             "quantizations": [q or "none" for q in request.quantizations],
             "tasks": [request.data_file] if request.data_file else list(request.tasks),
@@ -136,9 +155,16 @@ def run_bench(request: BenchRequest, *, progress: bool = True, loaded=None) -> B
     paths = write_report(out_dir, _rows_of(results.rows, request), meta)
     status = (f"{outcome.rows_written} rows from {outcome.prefills} prefills in {outcome.wall_s:.0f} s"
               f" ({outcome.cells_skipped} cells already done); {len(results.rows)} rows in {out_dir}/results.jsonl")
+    if failures:
+        status += (f"; {len(failures)} samples failed after retries (listed in {out_dir}/run.json under "
+                   f"failed_samples): rerun the same command to retry them")
     if outcome.interrupted:
         status += "; interrupted: rerun the same command to resume"
-    return BenchOutcome(paths["table"], status, paths, outcome.interrupted, outcome.prefills, outcome.rows_written)
+    restarts = getattr(outcome, "worker_restarts", 0)
+    if restarts:
+        status += f"; {restarts} Ray workers died mid-sample and were restarted (their samples ran again)"
+    return BenchOutcome(paths["table"], status, paths, outcome.interrupted, outcome.prefills, outcome.rows_written,
+                        failures, restarts)
 
 
 def weights_fidelity(request: BenchRequest, loaded, text: str, max_tokens: int = 1024) -> dict:
@@ -177,7 +203,7 @@ def _check_folder(out_dir: Path, run_info: dict, request: BenchRequest) -> None:
 
 
 def _update_run_file(out_dir: Path, run_info: dict, request: BenchRequest, outcome, started: float,
-                     device: str | None = None) -> dict:
+                     machine: str, failures: list[dict]) -> dict:
     run_file = out_dir / "run.json"
     state = json.loads(run_file.read_text(encoding="utf-8")) if run_file.exists() else {"prefills": 0, "wall_s": 0.0}
     state.update(run_info)
@@ -187,7 +213,8 @@ def _update_run_file(out_dir: Path, run_info: dict, request: BenchRequest, outco
     state["mode"] = request.mode
     state["last_request"] = asdict(request)
     state["last_run_started"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))
-    state["machine"] = machine_description(device)
+    state["machine"] = machine
+    state["failed_samples"] = failures  # of the last run; a rerun retries them
     atomic_write_text(run_file, json.dumps(state, indent=2) + "\n")
     return state
 

@@ -44,9 +44,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-tokens", type=int, default=4096, help="prefill chunk size in tokens (default: 4096)")
     parser.add_argument("--force", action="store_true", help="run samples longer than the model's window")
     parser.add_argument("--out", default="kvlab-bench", help="output folder; rerunning resumes (default: %(default)s)")
+    ray = parser.add_argument_group("Ray (pip install 'kvlab[ray]'; see README, Bench on a Ray cluster)")
+    ray.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                     help="run the samples on Ray workers: alone, on a local cluster started for the run; 'auto' or "
+                          "an address (e.g. ray://head:10001), on an existing cluster")
+    ray.add_argument("--ray-workers", type=int, default=None,
+                     help="workers, each loading the model once (default: as many as the cluster's CPUs, or GPUs, "
+                          "allow)")
+    ray.add_argument("--ray-cpus-per-worker", type=float, default=1.0,
+                     help="CPUs each worker reserves; its torch threads (default: %(default)s)")
+    ray.add_argument("--ray-gpus-per-worker", type=float, default=0.0,
+                     help="GPUs each worker reserves (e.g. 1, or 0.5 to share one); 0: CPU workers "
+                          "(default: %(default)s)")
+    ray.add_argument("--ray-retries", type=int, default=2,
+                     help="times a failed sample is retried before it is recorded as failed (default: %(default)s)")
     parser.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
     parser.add_argument("--list-formats", action="store_true",
                         help="list the --data formats, the fields each reads and its metrics, and exit")
+
+
+RAY_DEFAULTS = {"ray_workers": None, "ray_cpus_per_worker": 1.0, "ray_gpus_per_worker": 0.0, "ray_retries": 2}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,7 +78,19 @@ def run(args: argparse.Namespace) -> int:
         print(list_tasks_text())
         return 0
     request = BenchRequest.from_cli(args)
-    outcome = run_bench(request, progress=True)
+    ray = None
+    if args.ray is not None:
+        from kvlab.bench.distributed import RayOptions
+
+        ray = RayOptions(address=None if args.ray == "local" else args.ray, workers=args.ray_workers,
+                         cpus_per_worker=args.ray_cpus_per_worker, gpus_per_worker=args.ray_gpus_per_worker,
+                         retries=args.ray_retries)
+    elif any(getattr(args, name) != default for name, default in RAY_DEFAULTS.items()):
+        from kvlab.errors import ParameterError
+
+        raise ParameterError("--ray-workers, --ray-cpus-per-worker, --ray-gpus-per-worker and --ray-retries apply "
+                             "to a Ray run: add --ray")
+    outcome = run_bench(request, progress=True, ray=ray)
     print(outcome.paths["header"])  # the same lines `kvlab report` prints for this folder
     print()
     print(outcome.table)
