@@ -7,10 +7,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kvlab.bench.formats import load_data
 from kvlab.bench.presets import PRESETS, get_preset
 from kvlab.bench.report import write_report
 from kvlab.bench.results import ResultsFile
-from kvlab.bench.formats import load_data
 from kvlab.bench.runner import GridSettings, grid, run_grid, run_info_for
 from kvlab.errors import KvlabError, ParameterError
 from kvlab.fileio import atomic_write_text
