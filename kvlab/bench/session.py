@@ -11,7 +11,7 @@ from kvlab.bench.formats import load_data
 from kvlab.bench.presets import PRESETS, get_preset
 from kvlab.bench.report import write_report
 from kvlab.bench.results import ResultsFile
-from kvlab.bench.runner import GridSettings, grid, run_grid, run_info_for
+from kvlab.bench.runner import BenchProgress, GridSettings, grid, run_grid, run_info_for
 from kvlab.errors import KvlabError, ParameterError
 from kvlab.fileio import atomic_write_text
 
@@ -116,6 +116,7 @@ def run_bench(request: BenchRequest, *, progress: bool = True, loaded=None, ray=
     out_dir = Path(request.out_dir)
     results = ResultsFile(out_dir / "results.jsonl")
     started = time.time()
+    outcome: BenchProgress
     if ray is not None:
         from kvlab.bench.distributed import RayPool
 
