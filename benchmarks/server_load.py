@@ -1,7 +1,9 @@
 """Load on `kvlab serve`: N concurrent clients for T seconds, then time-to-first-token for a question on a stored
 document against the same question with the whole document in the prompt.
 
-The server runs in this process on loopback (uvicorn in a thread) unless --url names a running one. Load phase: each
+The server runs in this process on loopback (uvicorn in a thread) unless --url names a running one, or --replicas N
+starts `kvlab serve` in a subprocess on a free port (N = 1: one process, no Ray; N >= 2: `kvlab serve --replicas N`
+on a local Ray cluster), polled until /health answers and stopped with Ctrl-C's signal at the end. Load phase: each
 client sends non-streaming chat requests back to back (unique prompts, so nothing is served from the prefix cache;
 fixed-length answers via kvlab's ``ignore_eos``); a 429 is counted apart from failures and the client waits for
 its Retry-After (at most 1 s). Latency is per request, client side; tokens/s is completion tokens over the phase's
@@ -12,16 +14,23 @@ the store, so it is reported apart ("cold"). Prints the figures; writes JSON.
 
     python benchmarks/server_load.py --model smollm2-135m --clients 4 --seconds 20 --max-tokens 16 \
         --out benchmarks/results/server_load_smollm2_cpu.json
+    python benchmarks/server_load.py --model smollm2-135m --clients 4 --seconds 20 --replicas 2 \
+        --out benchmarks/results/server_replicas_smollm2_2.json
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import httpx
 from _common import environment, write_json
@@ -34,7 +43,10 @@ QUESTIONS = ["What is the pass key?", "Which number is the pass key?", "Tell me 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default=None, help="a running server (default: start one in this process)")
-    parser.add_argument("--model", default="smollm2-135m", help="model to serve (in-process server)")
+    parser.add_argument("--model", default="smollm2-135m", help="model to serve (in-process or --replicas server)")
+    parser.add_argument("--replicas", type=int, default=None,
+                        help="start `kvlab serve` in a subprocess: 1 = one process (no Ray), N >= 2 = --replicas N "
+                             "on a local Ray cluster (default: the server runs in this process)")
     parser.add_argument("--policy", default="full", help="document policy of the in-process server")
     parser.add_argument("--ratio", type=float, default=None)
     parser.add_argument("--clients", type=int, default=4, help=f"concurrent clients, 1..{MAX_CLIENTS}")
@@ -49,6 +61,8 @@ def main() -> None:
         parser.error(f"--clients must be in 1..{MAX_CLIENTS} and --seconds in (0, {MAX_SECONDS}]")
     if not 1 <= args.ttft_repeats < len(QUESTIONS):
         parser.error(f"--ttft-repeats must be in 1..{len(QUESTIONS) - 1}")
+    if args.replicas is not None and (args.replicas < 1 or args.url):
+        parser.error("--replicas must be >= 1, and it starts its own server (leave out --url)")
 
     with server(args) as (url, tokenizer):
         model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
@@ -65,6 +79,10 @@ def server(args):
     if args.url:
         yield args.url.rstrip("/"), None
         return
+    if args.replicas is not None:
+        with tempfile.TemporaryDirectory() as folder, serve_subprocess(args, Path(folder)) as url:
+            yield url, None
+        return
     from kvlab.server import Settings, create_app
     from kvlab.server.background import serve_in_background
 
@@ -74,6 +92,44 @@ def server(args):
         app = create_app(settings)
         with serve_in_background(app) as url:
             yield url, app.state.kvlab.engine.tokenizer
+
+
+@contextlib.contextmanager
+def serve_subprocess(args, folder: Path, start_timeout_s: float = 600):
+    """`kvlab serve` (with --replicas N when N >= 2) on a free port, its store and log in ``folder``."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "kvlab", "serve", "--model", args.model, "--policy", args.policy,
+               "--port", str(port), "--store", str(folder / "store"), "--max-queue", str(args.max_queue),
+               "--log-level", "warning"]
+    command += [] if args.ratio is None else ["--ratio", str(args.ratio)]
+    command += ["--replicas", str(args.replicas)] if args.replicas >= 2 else []
+    url = f"http://127.0.0.1:{port}"
+    with open(folder / "serve.log", "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + start_timeout_s
+            while not healthy(url):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{' '.join(command)} did not become healthy:\n"
+                                       + (folder / "serve.log").read_text()[-3000:])
+                time.sleep(0.5)
+            yield url
+        finally:
+            process.send_signal(signal.SIGINT)  # as Ctrl-C: the replicas' cluster is stopped too
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def chat(url: str, model: str, content: str, max_tokens: int, client: httpx.Client | None = None) -> httpx.Response:
@@ -134,7 +190,10 @@ def ttft_phase(url: str, model: str, args, tokenizer) -> dict:
     text = build_haystack(count, args.doc_tokens, seed=0, needle="The pass key is 68219. Remember it.",
                           depth=0.5).text
     posted_at = time.perf_counter()
-    document = httpx.post(f"{url}/v1/documents", json={"text": text}, timeout=600).json()
+    posted = httpx.post(f"{url}/v1/documents", json={"text": text}, timeout=600)
+    if posted.status_code not in (200, 201):
+        raise RuntimeError(f"POST /v1/documents answered {posted.status_code}: {posted.text}")
+    document = posted.json()
     post_s = time.perf_counter() - posted_at
     with_document, in_prompt = [], []
     for question in QUESTIONS[:args.ttft_repeats + 1]:  # one more: the first document question loads it (cold)
@@ -170,7 +229,9 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def report(args, model: str, load: dict, ttft: dict) -> None:
-    print(f"{model}, {args.clients} clients for {args.seconds:g} s, {args.max_tokens} tokens per answer, "
+    where = ("in this process" if args.replicas is None and not args.url else args.url or
+             ("`kvlab serve`, one process" if args.replicas == 1 else f"`kvlab serve --replicas {args.replicas}`"))
+    print(f"{model} ({where}), {args.clients} clients for {args.seconds:g} s, {args.max_tokens} tokens per answer, "
           f"queue bound {args.max_queue}")
     p50, p95 = load["latency_p50_s"], load["latency_p95_s"]
     print(f"  requests ok {load['ok']} | failed {load['failed']} | 429 {load['rejected_429']} | "

@@ -1,4 +1,5 @@
-"""kvlab serve: an OpenAI-compatible HTTP server (uvicorn) with compressed document caches and session reuse."""
+"""kvlab serve: an OpenAI-compatible HTTP server (uvicorn) with compressed document caches and session reuse; with
+``--replicas N``, N model replicas behind one endpoint on Ray Serve (``kvlab.server.replicas``)."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     guard.add_argument("--allowed-hosts", default=None,
                        help="comma-separated Host header values to answer ('*': any); default: localhost, "
                             "127.0.0.1, ::1 and --host")
-    slow = parser.add_argument_group("slow clients (uvicorn)")
+    slow = parser.add_argument_group("slow clients (uvicorn; with --replicas only --keep-alive applies)")
     slow.add_argument("--read-timeout", type=float, default=30.0,
                       help="seconds a request's headers and body may take to arrive; then the connection is closed "
                            "(default: %(default)s)")
@@ -55,6 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="largest request header block, with a unit (default: %(default)s)")
     slow.add_argument("--max-connections", type=int, default=64,
                       help="open connections at once; beyond it uvicorn answers 503 (default: %(default)s)")
+    scale = parser.add_argument_group("replicas (Ray Serve; see README, Serving)")
+    scale.add_argument("--replicas", type=int, default=None, metavar="N",
+                       help="serve N model replicas behind one endpoint on Ray Serve, with document cache affinity "
+                            "(default: one process on uvicorn, without Ray)")
+    scale.add_argument("--ray", default=None, metavar="ADDRESS",
+                       help="with --replicas: join this Ray cluster ('auto' or HOST:PORT; give every node the same "
+                            "--store path) instead of starting a local one")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.epilog = ("example:\n  kvlab serve --policy snapkv --ratio 0.75 --port 8000\n"
                      "  then any OpenAI client with base_url=http://127.0.0.1:8000/v1")
@@ -73,19 +81,71 @@ def _compress_above(value: str) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
+    from kvlab.errors import ParameterError
 
+    if args.replicas is not None and args.replicas < 1:
+        raise ParameterError(f"--replicas must be >= 1 (got {args.replicas}); leave it out to serve in one process")
+    if args.ray is not None and args.replicas is None:
+        raise ParameterError("--ray joins a Ray cluster for --replicas N; give --replicas too")
     try:
         import uvicorn
     except ImportError:
         from kvlab.errors import KvlabError
 
         raise KvlabError("kvlab serve needs the server extra: pip install 'kvlab[server]'") from None
+    if args.replicas is not None:
+        from kvlab.server.replicas import require_ray
+
+        require_ray()  # before the settings are checked and long before a model loads
+    settings = _settings(args)
+    if args.replicas is not None:
+        return _serve_replicas(args, settings)
+    from kvlab.server import create_app
+    from kvlab.server.slowclients import uvicorn_config
+    from kvlab.store.store import parse_size
+
+    config = uvicorn_config(None, args.host, args.port, log_level=args.log_level, read_timeout_s=args.read_timeout,
+                            keep_alive_s=args.keep_alive,
+                            max_header_bytes=parse_size(args.max_header_size, require_unit=True),
+                            limit_concurrency=args.max_connections)  # checked before the model loads
+    config.app = create_app(settings)
+    uvicorn.Server(config).run()
+    return 0
+
+
+def _serve_replicas(args: argparse.Namespace, settings) -> int:
+    """Start the replicas on Ray Serve, print where, and serve until Ctrl-C or SIGTERM; then remove the app (and stop
+    a local cluster, which would otherwise outlive this process)."""
+    import signal
+    import time
+
+    from kvlab.server import replicas
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        url = replicas.start(settings, args.replicas, args.host, args.port, address=args.ray,
+                             keep_alive_s=args.keep_alive, log_level=args.log_level)
+        print(f"kvlab: serving {settings.model} on {url}/v1 with {args.replicas} replica"
+              f"{'s' if args.replicas > 1 else ''} (Ray Serve{', cluster ' + args.ray if args.ray else ''}); "
+              f"Ctrl-C stops", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        replicas.stop(joined=args.ray is not None)
+
+
+def _settings(args: argparse.Namespace):
+    import os
+
     from kvlab.cli.common import policy_from_args, ratio_from_args
     from kvlab.errors import ParameterError
-    from kvlab.server import Settings, create_app
+    from kvlab.server import Settings
     from kvlab.server.settings import LOOPBACK_HOSTS
-    from kvlab.server.slowclients import uvicorn_config
     from kvlab.store.store import parse_size
 
     policy = policy_from_args(args)  # an unknown policy or parameter fails before the model loads
@@ -111,10 +171,5 @@ def run(args: argparse.Namespace) -> int:
                         api_key=args.api_key or os.environ.get("KVLAB_API_KEY") or None,
                         metrics_public=args.metrics_public, allowed_hosts=hosts,
                         served_model_name=args.served_model_name, compress_above=args.compress_above)
-    config = uvicorn_config(None, args.host, args.port, log_level=args.log_level, read_timeout_s=args.read_timeout,
-                            keep_alive_s=args.keep_alive,
-                            max_header_bytes=parse_size(args.max_header_size, require_unit=True),
-                            limit_concurrency=args.max_connections)  # checked before the model loads
-    config.app = create_app(settings)
-    uvicorn.Server(config).run()
-    return 0
+    parse_size(args.max_header_size, require_unit=True)  # a bad size fails before the model loads, with any server
+    return settings

@@ -24,7 +24,7 @@ earlier turns found in the prefix cache) and a ``kvlab`` object with ``prefilled
 longest cached prefix of its tokens and prefills only the rest (``sessions.py``).
 
 Errors use OpenAI's JSON shape (``errors.py``); one model runs one request at a time behind a bounded queue
-(``worker.py``).
+(``worker.py``). ``kvlab serve --replicas N`` runs N such apps on Ray Serve behind one endpoint (``replicas.py``).
 """
 
 from kvlab.server.app import create_app

@@ -7,9 +7,11 @@ wall-clock; bytes are KV bytes. Every name and label set is declared here, so a 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 # generate_latest writes text format 0.0.4 for names like these (no UTF-8 escaping needed), which every Prometheus
 # version reads; newer prometheus_client versions advertise 1.0.0 by default, older ones have no constant for it.
@@ -105,3 +107,43 @@ def parse(text: str) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             values[name] = float(value)
     return values
+
+
+def merge(expositions: Iterable[tuple[str, bool]], extra: Iterable[Metric] = ()) -> str:
+    """One exposition summing several servers' (``kvlab serve --replicas``): ``(text, live)`` pairs, each text one
+    server's ``render()``. Samples with the same name and labels add up: counters and histograms of every server,
+    gauges of the ``live`` ones only (a server that stopped reporting holds no queue or memory any more, but what it
+    counted before it went stays counted). ``*_created`` timestamps take the earliest. ``extra`` families (e.g. the
+    number of replicas) are appended as they are."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text, live in expositions:
+        for family in text_string_to_metric_families(text):
+            if family.type == "gauge" and not live and not family.name.endswith("_created"):
+                continue
+            families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+            summed = values.setdefault(family.name, {})
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if sample.name.endswith("_created"):
+                    summed[key] = min(summed.get(key, sample.value), sample.value)
+                else:
+                    summed[key] = summed.get(key, 0.0) + sample.value
+    for name, family in families.items():
+        for (sample_name, labels), value in values[name].items():
+            family.add_sample(sample_name, dict(labels), value)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed([*families.values(), *extra]))
+    return generate_latest(registry).decode("utf-8")
+
+
+class _Fixed(Collector):
+    """Families built elsewhere, exposed as they are."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families

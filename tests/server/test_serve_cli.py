@@ -15,6 +15,8 @@ from kvlab.cli import main
     (["--read-timeout", "0"], "--read-timeout"),
     (["--max-header-size", "16"], "has no unit"),
     (["--api-key", "short"], "at least 8 characters"),
+    (["--replicas", "0"], "--replicas must be >= 1"),
+    (["--ray", "auto"], "give --replicas too"),
 ])
 def test_bad_settings_fail_in_one_line(argv, fragment, capsys, monkeypatch):
     import kvlab.server.app
@@ -23,6 +25,27 @@ def test_bad_settings_fail_in_one_line(argv, fragment, capsys, monkeypatch):
     assert main(["serve", *argv]) == 2
     error = capsys.readouterr().err
     assert error.startswith("kvlab: error: ") and fragment in error and len(error.strip().splitlines()) == 1
+
+
+def test_replicas_without_ray_name_the_extra(capsys, monkeypatch):
+    import sys
+
+    import kvlab.server.app
+
+    monkeypatch.setattr(kvlab.server.app, "build_state", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as when it is not installed
+    assert main(["serve", "--replicas", "2"]) == 2
+    assert capsys.readouterr().err.strip() == "kvlab: error: kvlab serve --replicas needs Ray: pip install 'kvlab[ray]'"
+
+
+def test_one_process_serving_never_imports_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, argparse; import kvlab.server, kvlab.server.app, kvlab.cli.serve as serve; "
+            "parser = argparse.ArgumentParser(); serve.add_arguments(parser); parser.parse_args([]); "
+            "sys.exit('ray' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_kvlab_serve_answers_an_openai_client(tmp_path):
