@@ -80,7 +80,7 @@ class Forwarded:
 
 
 def affinity_key(method: str, path: str, body: bytes) -> str:
-    """The multiplexed id a request is routed by: its document id, a hash of its conversation's opening, or ""
+    """The key a request is routed by: its document id, a hash of its conversation's opening, or ""
     (no preference: documents listed or posted, uploads, models, health, metrics)."""
     match = _DOCUMENT_ROUTE.fullmatch(path)
     if match:
