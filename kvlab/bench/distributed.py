@@ -102,7 +102,7 @@ class BenchWorker:
         self.request = request
         device = request.device if request.device or gpus > 0 else "cpu"
         self.loaded = load_model(request.model, device=device, dtype=request.dtype, weights=request.weights,
-                                 progress=False)
+                                 progress=False, extension=request.extension)
         self.engine = Engine(self.loaded, chunk_tokens=request.chunk_tokens)
         self.cells = grid(list(request.policies), list(request.ratios), list(request.quantizations))
         self.observations = observation_request(self.cells)

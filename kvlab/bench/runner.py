@@ -460,6 +460,7 @@ def _multi_request(engine, sample, cells, wanted, request, force, outcome):
             for index, question in enumerate(sample.questions):
                 load_started = time.perf_counter()
                 loaded = load_cache(path, expected_model_fingerprint=engine.loaded.fingerprint,
+                                    expected_extension=engine.loaded.extension_label,
                                     device=engine.loaded.device).cache
                 load_s = time.perf_counter() - load_started
                 question_started = time.perf_counter()

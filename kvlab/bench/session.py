@@ -40,6 +40,7 @@ class BenchRequest:
     weights: str = "fp"  # "int8": weight-only int8 linear layers (its own fingerprint, its own results folder)
     chunk_tokens: int = 4096
     force: bool = False
+    extension: str | None = None  # --extend (models.extension): part of the fingerprint, so of the results folder
 
     @classmethod
     def from_cli(cls, args) -> BenchRequest:
@@ -60,7 +61,14 @@ class BenchRequest:
             if args.query_aware is None else args.query_aware,
             mode=args.mode, quantizations=_quantizations(args.quantize), data_file=args.data,
             haystack_dir=args.haystack_dir, seed=args.seed, device=args.device, dtype=args.dtype, weights=args.weights,
-            chunk_tokens=args.chunk_tokens, force=args.force)
+            chunk_tokens=args.chunk_tokens, force=args.force, extension=_extension_text(getattr(args, "extend", None)))
+
+
+def _extension_text(text: str | None) -> str | None:
+    from kvlab.models.extension import parse_extension
+
+    extension = parse_extension(text)
+    return extension.label if extension is not None else None
 
 
 def _quantizations(text: str | None) -> tuple[str | None, ...]:
@@ -132,7 +140,7 @@ def run_bench(request: BenchRequest, *, progress: bool = True, loaded=None, ray=
         from kvlab.models import load_model
 
         loaded = loaded or load_model(request.model, device=request.device, dtype=request.dtype,
-                                      weights=request.weights, progress=progress)
+                                      weights=request.weights, progress=progress, extension=request.extension)
         engine = Engine(loaded, chunk_tokens=request.chunk_tokens)
         run_info = run_info_for(engine)
         _check_folder(out_dir, run_info, request)
@@ -177,7 +185,8 @@ def weights_fidelity(request: BenchRequest, loaded, text: str, max_tokens: int =
     from kvlab.models import load_model
     from kvlab.models.weights import weight_fidelity
 
-    reference = load_model(request.model, device=request.device, dtype=request.dtype, progress=False)
+    reference = load_model(request.model, device=request.device, dtype=request.dtype, progress=False,
+                           extension=request.extension)
     ids = torch.tensor(loaded.tokenizer(text, add_special_tokens=True)["input_ids"][:max_tokens])
     fidelity = weight_fidelity(reference.model, loaded.model, ids)
     del reference

@@ -47,8 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvlab.cli.common import load_model_from_args
     from kvlab.engine import Engine, SamplingConfig
-    from kvlab.models import load_model
 
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     for flag, value in (("--cache", args.cache), ("--context-file", args.context_file)):
@@ -65,8 +65,7 @@ def run(args: argparse.Namespace) -> int:
         return run_cached(args, sampling)
     context = read_text(args.context_file)
     policy = None if args.method else policy_from_args(args)
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, weights=args.weights,
-                        progress=not args.json)
+    loaded = load_model_from_args(args, progress=not args.json)
     engine = Engine(loaded, chunk_tokens=args.chunk_tokens)
     options = dict(query_aware=args.query_aware, max_new_tokens=args.max_new_tokens, sampling=sampling,
                    force=args.force, progress=not args.json, answer_prefix=args.answer_prefix,
@@ -109,8 +108,8 @@ def method_answer(engine, context: str, args: argparse.Namespace, options: dict)
 def run_cached(args: argparse.Namespace, sampling) -> int:
     """Answer from a persisted cache: load and verify it, prefill the question only, decode."""
     from kvlab.cache.quantized import quantization_of
+    from kvlab.cli.common import load_model_from_args
     from kvlab.engine import Answer, Engine, context_kept_tokens
-    from kvlab.models import load_model
     from kvlab.store.documents import conversation_for, open_document
 
     refuse_policy_flags(args)
@@ -119,8 +118,7 @@ def run_cached(args: argparse.Namespace, sampling) -> int:
 
         raise ParameterError("--cache holds a document compressed before any question was seen; drop "
                              "--query-aware (or use --context-file for a query-aware run)")
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, weights=args.weights,
-                        progress=not args.json)
+    loaded = load_model_from_args(args, progress=not args.json)
     engine = Engine(loaded, chunk_tokens=args.chunk_tokens)
     document = open_document(engine, args.cache, kv_quant=kv_quant_from_args(args))
     meta = document.meta

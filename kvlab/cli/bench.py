@@ -6,13 +6,14 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from kvlab.cli.common import add_dtype_argument
+    from kvlab.cli.common import add_dtype_argument, add_extend_argument
 
     parser.add_argument("--preset", choices=["quick", "standard"], default=None,
                         help="a named grid (quick: ~5 min on 2 CPU cores); explicit flags override its values")
     parser.add_argument("--model", default="smollm2-135m", help="model to benchmark (default: %(default)s)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     add_dtype_argument(parser)
+    add_extend_argument(parser)
     parser.add_argument("--weights", choices=["fp", "int8"], default="fp",
                         help="int8: weight-only int8 linear layers; the model changes (and so its fingerprint)")
     parser.add_argument("--tasks", default=None, help="comma-separated task names (see --list-tasks)")

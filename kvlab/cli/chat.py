@@ -30,10 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kvlab.cli.chat_session import ChatSession, restored_message
-    from kvlab.cli.common import kv_quant_from_args, policy_from_args, ratio_from_args, read_text
+    from kvlab.cli.common import kv_quant_from_args, load_model_from_args, policy_from_args, ratio_from_args, read_text
     from kvlab.engine import Engine, SamplingConfig
     from kvlab.errors import KvlabError
-    from kvlab.models import load_model
     from kvlab.store.documents import compress_document, open_document
     from kvlab.units import format_mib
 
@@ -48,8 +47,7 @@ def run(args: argparse.Namespace) -> int:
         refuse_policy_flags(args)
     if args.max_new_tokens < 1:
         raise KvlabError(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
-    engine = Engine(load_model(args.model, device=args.device, dtype=args.dtype, weights=args.weights,
-                               progress=True))
+    engine = Engine(load_model_from_args(args))
     if args.context_file:
         from kvlab.cli.compress import store_document
 

@@ -20,6 +20,25 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", choices=["fp", "int8"], default="fp",
                         help="int8: weight-only int8 linear layers (gpt-fast's scheme), faster CPU decoding; this "
                              "changes the model, not the cache (default: fp, the model's own weights)")
+    add_extend_argument(parser)
+
+
+def add_extend_argument(parser: argparse.ArgumentParser) -> None:
+    """``--extend``: context extension past the trained window (``models.extension``)."""
+    parser.add_argument("--extend", default=None, metavar="self-extend[:group=G][:window=W]",
+                        help="run past the model's trained window without training: Self-Extend groups positions "
+                             "further than W tokens back by G (default G=8, W=1024; the window becomes "
+                             "(native - W) x G + W); caches made with it need it (default: none)")
+
+
+def load_model_from_args(args: argparse.Namespace, *, progress: bool = True):
+    """The model the command's --model, --device, --dtype, --weights and --extend describe."""
+    from kvlab.models import load_model
+    from kvlab.models.extension import parse_extension
+
+    extension = parse_extension(getattr(args, "extend", None))  # a bad spec fails before the model loads
+    return load_model(args.model, device=args.device, dtype=args.dtype, weights=args.weights, progress=progress,
+                      extension=extension)
 
 
 def add_dtype_argument(parser: argparse.ArgumentParser) -> None:

@@ -46,8 +46,8 @@ def apply_default_recipe(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvlab.cli.common import load_model_from_args
     from kvlab.engine import Engine, compression, memory_figures
-    from kvlab.models import load_model
     from kvlab.store.documents import compress_document, copy_out
     from kvlab.units import format_mib, format_seconds, per_second
 
@@ -55,8 +55,7 @@ def run(args: argparse.Namespace) -> int:
     apply_default_recipe(args)
     policy = policy_from_args(args)
     quantization = kv_quant_from_args(args)
-    engine = Engine(load_model(args.model, device=args.device, dtype=args.dtype, weights=args.weights,
-                               progress=not args.json),
+    engine = Engine(load_model_from_args(args, progress=not args.json),
                     chunk_tokens=args.chunk_tokens)
     document = store_document(lambda: compress_document(
         engine, text, policy, ratio=ratio_from_args(args), budget_tokens=args.budget, quantization=quantization,

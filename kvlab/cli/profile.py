@@ -35,10 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from kvlab.models import load_model
+    from kvlab.cli.common import load_model_from_args
     from kvlab.models.profile import load_profile, profile_path, read_profile, save_profile, write_heatmap
 
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, weights=args.weights)
+    loaded = load_model_from_args(args)
     if args.show:
         path = Path(args.out).expanduser() if args.out else profile_path(loaded.fingerprint)
         profile = (read_profile(path, expected_fingerprint=loaded.fingerprint, model=args.model) if args.out

@@ -29,7 +29,9 @@ import torch.nn.functional as F
 
 from kvlab.cache.kvcache import PADDING_POSITION, KVCache, LayerCache
 from kvlab.cache.layout import LayerSpec
+from kvlab.engine.self_extend import needs_grouping, self_extend_attend
 from kvlab.errors import UnsupportedModelError
+from kvlab.models.extension import SelfExtend
 
 IMPLEMENTATION_NAME = "kvlab"
 STEP_KEYWORD = "kvlab_step"
@@ -41,11 +43,13 @@ Observer = Callable[[int, LayerSpec, torch.Tensor, torch.Tensor, torch.Tensor, t
 
 @dataclass
 class Step:
-    """One forward pass: the cache it appends to, the new tokens' positions (q,) int64, an optional observer."""
+    """One forward pass: the cache it appends to, the new tokens' positions (q,) int64, an optional observer, and
+    the model's context extension (``models.extension``; None: plain attention)."""
 
     cache: KVCache
     query_positions: torch.Tensor
     observer: Observer | None = None
+    extension: SelfExtend | None = None
 
 
 def install(model) -> None:
@@ -73,7 +77,10 @@ def kvlab_attention_forward(module, query, key, value, attention_mask, scaling=N
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if step.observer is not None:
         step.observer(module.layer_idx, layer.spec, query[0], key[0], layer.positions, step.query_positions, scale)
-    output = attend(query, key, value, layer, step.query_positions, scale)
+    if step.extension is not None and needs_grouping(layer, step.query_positions, step.extension):
+        output = self_extend_attend(query, key, value, layer, step.query_positions, scale, step.extension)
+    else:
+        output = attend(query, key, value, layer, step.query_positions, scale)
     return output.transpose(1, 2).contiguous(), None
 
 

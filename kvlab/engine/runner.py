@@ -10,6 +10,7 @@ from kvlab.cache.hf import HFCacheView, cache_argument
 from kvlab.cache.kvcache import KVCache
 from kvlab.engine.attention import STEP_KEYWORD, Observer, Step, install
 from kvlab.engine.fastpath import FastDecoder
+from kvlab.models.extension import extension_of
 
 
 class ModelRunner:
@@ -22,7 +23,9 @@ class ModelRunner:
         self.view = HFCacheView(cache)
         self.cache_argument = cache_argument(model)
         self.device = next(model.parameters()).device
-        self.fast = FastDecoder.for_model(model)
+        self.extension = extension_of(model)
+        # the decode fast path attends plainly: an extended model takes the full forward, whose attention groups
+        self.fast = None if self.extension is not None else FastDecoder.for_model(model)
 
     @torch.inference_mode()
     def feed(self, token_ids: torch.Tensor, *, observer: Observer | None = None,
@@ -40,7 +43,8 @@ class ModelRunner:
         output = self.model(
             input_ids=token_ids.to(self.device).reshape(1, -1), position_ids=positions[None], use_cache=True,
             logits_to_keep=max(logits_to_keep, 1), **{self.cache_argument: self.view,
-                                                      STEP_KEYWORD: Step(self.cache, positions, observer)},
+                                                      STEP_KEYWORD: Step(self.cache, positions, observer,
+                                                                         self.extension)},
         )
         self.cache.num_tokens += count
         self.cache.settle()

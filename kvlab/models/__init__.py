@@ -31,8 +31,29 @@ class LoadedModel:
         return self.model.config.get_text_config(decoder=True)
 
     @property
-    def max_context_tokens(self) -> int:
+    def native_context_tokens(self) -> int:
+        """The window the model was trained with."""
         return int(getattr(self.config, "max_position_embeddings", 0) or 0)
+
+    @property
+    def extension(self):
+        """The context extension it runs with (``models.extension``), or None."""
+        from kvlab.models.extension import extension_of
+
+        return extension_of(self.model)
+
+    @property
+    def extension_label(self) -> str:
+        """The extension as ``--extend`` spells it; "" without one (what a persisted cache records)."""
+        extension = self.extension
+        return extension.label if extension is not None else ""
+
+    @property
+    def max_context_tokens(self) -> int:
+        """The window it may use: the trained one, or what its extension reaches."""
+        extension = self.extension
+        native = self.native_context_tokens
+        return extension.context_tokens(native) if extension is not None and native else native
 
     @property
     def device(self) -> torch.device:
@@ -52,14 +73,17 @@ def default_device() -> torch.device:
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | None = None,
-               dtype: str | torch.dtype | None = None, progress: bool = True, weights: str = "fp") -> LoadedModel:
+               dtype: str | torch.dtype | None = None, progress: bool = True, weights: str = "fp",
+               extension=None) -> LoadedModel:
     """Load ``smollm2-135m``, ``gemma3-270m``, ``tiny-llama``, ``tiny-gemma3``, a local folder or a hub id.
 
     ``dtype``: "auto" (or None), "float32", "bfloat16", "float16" or a torch dtype; auto is float32 on CPU and the
     checkpoint's own dtype elsewhere (``models.dtypes``). ``weights="int8"`` quantizes the linear layers' weights
     (``models.weights``, gpt-fast's weight-only int8): a different model, faster to decode on CPU; its fingerprint
-    differs, so caches are never mixed between the two.
+    differs, so caches are never mixed between the two. ``extension`` (``models.extension``, e.g. Self-Extend, or
+    its ``--extend`` text) runs the model past its trained window; it too is part of the fingerprint.
     """
+    from kvlab.models.extension import apply_extension, parse_extension
     from kvlab.models.weights import check_weight_scheme, quantize_weights
 
     check_weight_scheme(weights)
@@ -80,6 +104,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | None = None,
         model, tokenizer = _load_pretrained(folder, target_dtype)
     model = model.to(device=target_device, dtype=target_dtype).eval()
     quantize_weights(model, weights)
+    apply_extension(model, parse_extension(extension) if isinstance(extension, str) else extension)
     return LoadedModel(name=name_or_path, model=model, tokenizer=tokenizer, weights=weights)
 
 

@@ -37,22 +37,10 @@ from kvlab.cache.observations import (
     ProbeState,
     Replay,
 )
+from kvlab.cache.rope import rope_cos_sin, rotate_half
 from kvlab.errors import KvlabError
 from kvlab.policies import register_policy
 from kvlab.policies.base import Policy, ScoreInputs, group_mean, param
-
-
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin: (len(positions), head_dim) float32 of standard RoPE, computed as transformers does."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
-    angles = positions.float()[:, None] * inv_freq
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
 
 
 def average_rotation(first_position: int, count: int, head_dim: int, theta: float,

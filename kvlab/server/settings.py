@@ -32,6 +32,7 @@ class Settings:
     ratio: float | None = None  # fraction of document tokens evicted; None with a policy other than full: 0.5
     budget_tokens: int | None = None  # alternative to ratio: document tokens kept per head per layer
     weights: str = "fp"  # "int8": weight-only int8 linear layers (a different, faster model on CPU)
+    extension: str | None = None  # context extension, as --extend spells it (models.extension); None: the window
     kv_quant: str | None = None  # int8, int4 or int2: documents are stored and held quantized in memory (KIVI)
     store_root: Path | str | None = None  # document store folder; None: $KVLAB_CACHE_DIR/kv
     max_queue: int = 8  # requests waiting for the model beyond the one running; more get 429

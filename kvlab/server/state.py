@@ -86,7 +86,7 @@ def build_state(settings: Settings, engine: Engine | None = None) -> ServerState
         from kvlab.models import load_model
 
         engine = Engine(load_model(settings.model, device=settings.device, dtype=settings.dtype,
-                                   weights=settings.weights),
+                                   weights=settings.weights, extension=settings.extension),
                         chunk_tokens=settings.chunk_tokens)
     metrics = Metrics()
     sessions = PrefixCache(settings.session_cache_bytes, settings.session_cache_entries)

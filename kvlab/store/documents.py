@@ -104,7 +104,8 @@ def compress_document(engine: Engine, text: str, policy: Policy, *, ratio: float
         if found is not None:
             try:
                 # a full load, not just the header: a damaged payload must be recomputed here, not found again
-                loaded = load_cache(found, expected_model_fingerprint=engine.loaded.fingerprint)
+                loaded = load_cache(found, expected_model_fingerprint=engine.loaded.fingerprint,
+                                    expected_extension=engine.loaded.extension_label)
                 check_key(key, loaded.meta)
                 return _describe(found, key, True, loaded.meta, loaded.cache.kept_tokens(), loaded.file_bytes, 0.0,
                                  0.0)
@@ -184,6 +185,7 @@ def open_document(engine: Engine, path_or_key: str, store: CacheStore | None = N
 def _open(engine: Engine, path: Path, key: str | None, kv_quant: QuantizationParams | None) -> LoadedCache:
     started = time.perf_counter()
     loaded = load_cache(path, expected_model_fingerprint=engine.loaded.fingerprint,
+                        expected_extension=engine.loaded.extension_label,
                         expected_tokenizer_fingerprint=tokenizer_fingerprint(engine.tokenizer),
                         expected_model_name=engine.loaded.name, device=engine.loaded.device)
     if key is not None:

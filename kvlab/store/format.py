@@ -66,7 +66,8 @@ def meta_for(loaded: LoadedModel, cache: KVCache | QuantizedKVCache, *, text: st
         context_tokens=context_tokens, num_tokens=cache.num_tokens,
         layout=tuple(layer.spec for layer in cache.layers), dtype=dtype_name(dtype),
         quantization=cache.params if isinstance(cache, QuantizedKVCache) else None,
-        text_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(), extra=dict(extra or {}),
+        text_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        extra={**({"extension": loaded.extension_label} if loaded.extension_label else {}), **(extra or {})},
     )
 
 
@@ -93,13 +94,17 @@ def read_meta(path: str | Path) -> CacheMeta:
 
 def load_cache(path: str | Path, *, expected_model_fingerprint: str | None = None,
                expected_tokenizer_fingerprint: str | None = None, expected_model_name: str | None = None,
-               device: str | torch.device = "cpu") -> LoadedCache:
+               expected_extension: str | None = None, device: str | torch.device = "cpu") -> LoadedCache:
     """Read, verify and rebuild a cache. ``expected_*`` fingerprints (from ``LoadedModel.fingerprint`` and
-    ``tokenizer_fingerprint``) are compared with the file's; ``expected_model_name`` only improves the message."""
+    ``tokenizer_fingerprint``) are compared with the file's; ``expected_extension`` (``LoadedModel.extension_label``,
+    "" for none) is the context extension the model runs with: a cache made with another one is refused with the
+    flag to pass; ``expected_model_name`` only improves the message."""
     path = Path(path)
     size = _file_size(path)
     with _safe_open(path) as handle:
         meta = _meta_of(handle, path)
+        if expected_extension is not None:
+            _check_extension(meta, path, expected_extension)
         _check_fingerprints(meta, path, expected_model_fingerprint, expected_tokenizer_fingerprint,
                             expected_model_name)
         try:
@@ -161,6 +166,18 @@ def _meta_of(handle, path: Path) -> CacheMeta:
 
 
 # -- checks --------------------------------------------------------------------------------------------------
+def _check_extension(meta: CacheMeta, path: Path, loaded: str) -> None:
+    """Keys rotated under one context extension mean something else under another: refuse, naming the flag."""
+    made_with = str(meta.extra.get("extension", ""))
+    if made_with == loaded:
+        return
+    if made_with:
+        raise CacheMismatchError(f"{path} was made with --extend {made_with}; pass --extend {made_with} to use it"
+                                 + (f" (the model runs with --extend {loaded})" if loaded else ""))
+    raise CacheMismatchError(f"{path} was made without context extension; drop --extend {loaded} to use it, or "
+                             f"recompress the document with it")
+
+
 def _check_fingerprints(meta: CacheMeta, path: Path, model_fingerprint: str | None,
                         tokenizer: str | None, model_name: str | None) -> None:
     if model_fingerprint is not None and model_fingerprint != meta.model_fingerprint:

@@ -267,3 +267,24 @@ def test_compress_without_a_policy_uses_the_recommended_recipe(document, capsys)
     mine = run_json(capsys, "compress", "--model", "tiny-llama", "--context-file", document, "--json",
                     "--ratio", "0.5", "--kv-quant", "int8")
     assert mine["policy"] == DEFAULT_RECIPE.policy and mine["ratio"] == 0.5 and mine["kv_quant"]["scheme"] == "int8"
+
+
+# -- context extension: a cache remembers it ------------------------------------------------------------------------
+def test_a_cache_made_with_extend_needs_it_and_says_so(document, tmp_path, capsys):
+    """Keys rotated under Self-Extend mean something else without it: `ask --cache` refuses either mismatch in one
+    line naming the flag, and answers with it."""
+    extend = "self-extend:group=4:window=64"
+    made = run_json(capsys, "compress", "--context-file", document, "--model", "tiny-llama", "--extend", extend,
+                    "--out", tmp_path / "extended.kv", "--json")
+    assert made and load_cache(tmp_path / "extended.kv").meta.extra["extension"] == extend
+    one_line_error(capsys, ["ask", "--cache", tmp_path / "extended.kv", "--model", "tiny-llama", "--question",
+                            QUESTION], f"pass --extend {extend}")
+    answer = run_json(capsys, "ask", "--cache", tmp_path / "extended.kv", "--model", "tiny-llama", "--extend", extend,
+                      "--question", QUESTION, "--max-new-tokens", "4", "--json")
+    assert answer["answer"] is not None
+    run_json(capsys, "compress", "--context-file", document, "--model", "tiny-llama", "--out", tmp_path / "plain.kv",
+             "--json")
+    one_line_error(capsys, ["ask", "--cache", tmp_path / "plain.kv", "--model", "tiny-llama", "--extend", extend,
+                            "--question", QUESTION], "drop --extend")
+    one_line_error(capsys, ["ask", "--cache", tmp_path / "plain.kv", "--model", "tiny-llama", "--extend", "yarn",
+                            "--question", QUESTION], "unknown --extend 'yarn'")

@@ -1,0 +1,28 @@
+"""Standard RoPE (HF's rotate-half layout, inverse frequencies theta^(-2i/head_dim)), for code that moves keys or
+queries to other positions after the model rotated them: Expected Attention undoes the rotation, Self-Extend
+shifts keys and queries to grouped positions. Rotations compose, so a vector rotated at p is moved to p + d by
+rotating it by d."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: (*positions.shape, head_dim) float32 of standard RoPE, computed as transformers does."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
+    angles = positions.float()[..., None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def rotate_by(x: torch.Tensor, shift: torch.Tensor, theta: float) -> torch.Tensor:
+    """``x`` (..., n, head_dim) rotated by ``shift`` positions (broadcastable to (..., n)), in x's dtype."""
+    cos, sin = rope_cos_sin(shift, x.shape[-1], theta)
+    rotated = x.float() * cos + rotate_half(x.float()) * sin
+    return rotated.to(x.dtype)
