@@ -142,6 +142,7 @@ class RayPool:
         self.workers: list = []
         self.description: dict = {}
         self.pids: list[int] = []
+        self._samples = None
 
     def __enter__(self) -> RayPool:
         ray = self.ray
@@ -184,6 +185,8 @@ class RayPool:
                                                 max_restarts=WORKER_RESTARTS)
         self.workers = [actor.remote(self.request, options.cpus_per_worker, options.gpus_per_worker)
                         for _ in range(count)]
+        # generated tasks are built by the first worker while the others still load the model
+        self._samples = None if self.request.data_file else self.workers[0].samples.remote()
         descriptions = self._get([worker.describe.remote() for worker in self.workers], "loading the model")
         self.description = descriptions[0]
         self.pids = [description["pid"] for description in descriptions]  # at start; a restart changes them
@@ -214,7 +217,8 @@ class RayPool:
         return f"Ray: {len(self.workers)} workers x {share}, first on {self.description['machine']}"
 
     def samples(self) -> list[Sample]:
-        return self._get(self.workers[0].samples.remote(), "building the samples")
+        reference = self._samples if self._samples is not None else self.workers[0].samples.remote()
+        return self._get(reference, "building the samples")
 
     def weights_fidelity(self, text: str) -> dict:
         return self._get(self.workers[0].weights_fidelity.remote(text), "measuring the weights' fidelity")
