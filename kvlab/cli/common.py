@@ -25,10 +25,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_extend_argument(parser: argparse.ArgumentParser) -> None:
     """``--extend``: context extension past the trained window (``models.extension``)."""
-    parser.add_argument("--extend", default=None, metavar="self-extend[:group=G][:window=W]",
-                        help="run past the model's trained window without training: Self-Extend groups positions "
-                             "further than W tokens back by G (default G=8, W=1024; the window becomes "
-                             "(native - W) x G + W); caches made with it need it (default: none)")
+    parser.add_argument("--extend", default=None, metavar="METHOD[:KEY=VALUE...]",
+                        help="run past the model's trained window without training: self-extend[:group=G][:window=W] "
+                             "groups positions further than W tokens back by G (default G=8, W=1024; the window "
+                             "becomes (native - W) x G + W); yarn[:factor=F] interpolates RoPE (window: native x F, "
+                             "default F=4); caches made with it need it (default: none)")
 
 
 def load_model_from_args(args: argparse.Namespace, *, progress: bool = True):

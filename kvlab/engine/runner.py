@@ -10,7 +10,7 @@ from kvlab.cache.hf import HFCacheView, cache_argument
 from kvlab.cache.kvcache import KVCache
 from kvlab.engine.attention import STEP_KEYWORD, Observer, Step, install
 from kvlab.engine.fastpath import FastDecoder
-from kvlab.models.extension import extension_of
+from kvlab.models.extension import SelfExtend, extension_of
 
 
 class ModelRunner:
@@ -23,9 +23,11 @@ class ModelRunner:
         self.view = HFCacheView(cache)
         self.cache_argument = cache_argument(model)
         self.device = next(model.parameters()).device
-        self.extension = extension_of(model)
-        # the decode fast path attends plainly: an extended model takes the full forward, whose attention groups
-        self.fast = None if self.extension is not None else FastDecoder.for_model(model)
+        extension = extension_of(model)
+        # Self-Extend changes attention (the model's own rotary embedding carries YaRN); the decode fast path attends
+        # plainly, so a Self-Extended model takes the full forward, whose attention groups
+        self.grouping = extension if isinstance(extension, SelfExtend) else None
+        self.fast = None if self.grouping is not None else FastDecoder.for_model(model)
 
     @torch.inference_mode()
     def feed(self, token_ids: torch.Tensor, *, observer: Observer | None = None,
@@ -44,7 +46,7 @@ class ModelRunner:
             input_ids=token_ids.to(self.device).reshape(1, -1), position_ids=positions[None], use_cache=True,
             logits_to_keep=max(logits_to_keep, 1), **{self.cache_argument: self.view,
                                                       STEP_KEYWORD: Step(self.cache, positions, observer,
-                                                                         self.extension)},
+                                                                         self.grouping)},
         )
         self.cache.num_tokens += count
         self.cache.settle()

@@ -286,5 +286,5 @@ def test_a_cache_made_with_extend_needs_it_and_says_so(document, tmp_path, capsy
              "--json")
     one_line_error(capsys, ["ask", "--cache", tmp_path / "plain.kv", "--model", "tiny-llama", "--extend", extend,
                             "--question", QUESTION], "drop --extend")
-    one_line_error(capsys, ["ask", "--cache", tmp_path / "plain.kv", "--model", "tiny-llama", "--extend", "yarn",
-                            "--question", QUESTION], "unknown --extend 'yarn'")
+    one_line_error(capsys, ["ask", "--cache", tmp_path / "plain.kv", "--model", "tiny-llama", "--extend", "ntk",
+                            "--question", QUESTION], "unknown --extend 'ntk'")

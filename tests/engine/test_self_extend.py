@@ -116,7 +116,8 @@ def test_the_extension_widens_the_window_and_changes_the_fingerprint(plain):
     assert plain.loaded.extension is None
 
 
-@pytest.mark.parametrize("text, message", [("yarn", "unknown --extend"), ("self-extend:group=1", "group must be"),
+@pytest.mark.parametrize("text, message", [("ntk", "unknown --extend"), ("yarn:factor=1", "factor must be"),
+                                           ("self-extend:group=1", "group must be"),
                                            ("self-extend:size=3", "cannot read"),
                                            ("self-extend:window=x", "whole number")])
 def test_bad_extension_specs_are_one_line(text, message):
@@ -128,3 +129,23 @@ def test_extension_specs_parse():
     assert parse_extension("self-extend") == SelfExtend()
     assert parse_extension("self-extend:group=16:window=512") == SelfExtend(16, 512)
     assert parse_extension("none") is None and parse_extension(None) is None
+
+
+def test_yarn_interpolates_the_full_attention_rope_and_widens_the_window(plain):
+    from kvlab.models.extension import Yarn
+
+    yarn = Engine(load_model("tiny-llama", extension="yarn:factor=4"), chunk_tokens=64)
+    assert yarn.loaded.extension == Yarn(4.0)
+    assert yarn.loaded.max_context_tokens == 4 * plain.loaded.max_context_tokens
+    assert yarn.loaded.config.rope_parameters["rope_type"] == "yarn"
+    ids = torch.randint(3, 200, (120,))
+    one_pass = yarn.prefill(ids).last_logits
+    assert not torch.allclose(one_pass, last_logits(plain, ids), atol=1e-4)
+    chunked = Engine(yarn.loaded, chunk_tokens=40).prefill(ids[:100]).cache
+    runner = ModelRunner(yarn.model, chunked)
+    for token in ids[100:].tolist():
+        logits = runner.step(token)
+    torch.testing.assert_close(logits, one_pass, rtol=1e-4, atol=1e-4)
+    gemma = load_model("tiny-gemma3", extension="yarn:factor=2")
+    rope = gemma.config.rope_parameters
+    assert rope["full_attention"]["rope_type"] == "yarn" and rope["sliding_attention"]["rope_type"] == "default"
