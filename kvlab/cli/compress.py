@@ -24,6 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_kv_quant_argument(parser, aliases=("--quantize",))
     parser.add_argument("--out", default=None, help="also copy the cache file here (a .kv file or a folder)")
     parser.add_argument("--chunk-tokens", type=int, default=4096, help="prefill chunk size in tokens (default: 4096)")
+    parser.add_argument("--max-kv-memory", default=None, metavar="SIZE",
+                        help="bound the KV memory held while reading (with a unit, e.g. 1GB): a document whose full "
+                             "cache would not fit is prefilled chunk by chunk and compressed to the budget as it goes "
+                             "(default: no bound; the full cache is built, then compressed)")
     parser.add_argument("--force", action="store_true", help="run even if the document exceeds the model's window")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
@@ -49,17 +53,20 @@ def run(args: argparse.Namespace) -> int:
     from kvlab.cli.common import load_model_from_args
     from kvlab.engine import Engine, compression, memory_figures
     from kvlab.store.documents import compress_document, copy_out
+    from kvlab.store.store import parse_size
     from kvlab.units import format_mib, format_seconds, per_second
 
     text = read_text(args.context_file)
     apply_default_recipe(args)
     policy = policy_from_args(args)
     quantization = kv_quant_from_args(args)
+    max_kv_bytes = None if args.max_kv_memory is None else parse_size(args.max_kv_memory, require_unit=True)
     engine = Engine(load_model_from_args(args, progress=not args.json),
                     chunk_tokens=args.chunk_tokens)
     document = store_document(lambda: compress_document(
         engine, text, policy, ratio=ratio_from_args(args), budget_tokens=args.budget, quantization=quantization,
-        force=args.force, progress=not args.json))
+        force=args.force, progress=not args.json, max_kv_bytes=max_kv_bytes))
+    streamed = document.meta.extra.get("streamed")
     path = copy_out(document.path, args.out) if args.out else document.path
     prefilled = 0 if document.from_store else document.context_tokens  # a stored file is found, not recomputed
     if args.json:
@@ -70,11 +77,15 @@ def run(args: argparse.Namespace) -> int:
                           **memory_figures(document.kv_bytes_full, document.kv_bytes_kept,
                                            document.kv_bytes_full_fp16),
                           "file_bytes": document.file_bytes, "prefilled_tokens": prefilled,
-                          "prefill_s": document.prefill_s, "compress_s": document.compress_s}))
+                          "prefill_s": document.prefill_s, "compress_s": document.compress_s,
+                          "streamed": streamed}))
         return 0
     origin = "found in the store (not recomputed)" if document.from_store else (
         f"prefill {prefilled} tok in {format_seconds(document.prefill_s)} "
         f"({per_second(prefilled, document.prefill_s):.0f} tok/s), compress {format_seconds(document.compress_s)}")
+    if streamed:
+        origin += (f" | streamed in chunks of {streamed['chunk_tokens']} tok, KV peak "
+                   f"{format_mib(streamed['peak_kv_bytes'])} (full cache {format_mib(document.kv_bytes_full)})")
     ratio = ratio_from_args(args)
     held = (f"{policy.describe()}{'' if ratio is None else f' @ ratio {ratio:g}'}"
             f"{' + ' + quantization.scheme if quantization else ''}")

@@ -20,13 +20,22 @@ from kvlab.cache.quant import QuantizationParams, QuantizedKVCache, quantize_cac
 from kvlab.cache.quantized import from_stored, quantization_of, quantize_in_memory
 from kvlab.engine import Engine, memory_figures, resolve_budget
 from kvlab.engine.conversation import CompressionRule, Conversation
-from kvlab.errors import CacheMismatchError, CorruptCacheError, KvlabError, MissingCacheFileError, ParameterError
+from kvlab.errors import (
+    BudgetError,
+    CacheMismatchError,
+    CorruptCacheError,
+    KvlabError,
+    MissingCacheFileError,
+    ParameterError,
+)
 from kvlab.fileio import atomic_write
 from kvlab.models.fingerprint import tokenizer_fingerprint
 from kvlab.policies.base import Policy
 from kvlab.store.format import LoadedCache, load_cache, meta_for, save_cache
 from kvlab.store.meta import CacheMeta
-from kvlab.store.store import CacheStore, check_key, entry_of, key_for
+from kvlab.store.store import CacheStore, check_key, entry_of, key_for, keyed_policy_params
+
+MIN_STREAM_CHUNK_TOKENS = 64  # a streamed prefill's smallest chunk: below it, forward passes cost more than they read
 
 _KEY_PREFIX = re.compile(r"[0-9a-fA-F]{1,64}")  # what `kvlab cache ls` shows; anything else is a file path
 
@@ -72,12 +81,34 @@ class CompressedDocument:
 
 
 def document_key(engine: Engine, text: str, policy: Policy, ratio: float | None, budget_tokens: int,
-                 quantization: QuantizationParams | None) -> str:
+                 quantization: QuantizationParams | None, streamed_chunk_tokens: int | None = None) -> str:
     """The store key: model, text, policy and parameters, resolved budget (tokens) and quantization. ``ratio`` is
-    not part of it (only the budget it resolves to determines the cache; see ``kvlab.store.store``)."""
+    not part of it (only the budget it resolves to determines the cache; see ``kvlab.store.store``). A document
+    compressed while streaming is another cache than one compressed after a full prefill: its chunk size joins the
+    policy's parameters in the key."""
+    params = keyed_policy_params(policy.params(), streamed_chunk_tokens)
     return key_for(model_fingerprint=engine.loaded.fingerprint, text_sha256=hashlib.sha256(text.encode()).hexdigest(),
-                   policy=policy.name, policy_params=policy.params(), ratio=None, budget_tokens=budget_tokens,
+                   policy=policy.name, policy_params=params, ratio=None, budget_tokens=budget_tokens,
                    query_aware=False, quantization=quantization)
+
+
+def streaming_chunk(engine: Engine, context_tokens: int, budget_tokens: int, max_kv_bytes: int | None) -> int | None:
+    """The chunk size to stream with under ``max_kv_bytes``, or None when the full cache fits (prefill it whole).
+    The chunk is the engine's, shrunk so that the budget plus one chunk fit the limit."""
+    if max_kv_bytes is None:
+        return None
+    from kvlab.engine.streaming import kv_bytes_per_token
+    from kvlab.units import format_mib
+
+    per_token = kv_bytes_per_token(engine)
+    if context_tokens * per_token <= max_kv_bytes:
+        return None
+    room = max_kv_bytes // per_token - budget_tokens
+    if room < MIN_STREAM_CHUNK_TOKENS:
+        raise BudgetError(f"--max-kv-memory {format_mib(max_kv_bytes)} holds {max_kv_bytes // per_token} tokens of "
+                          f"this model's cache, too few for a budget of {budget_tokens} tokens plus a chunk of "
+                          f"{MIN_STREAM_CHUNK_TOKENS}; raise the limit or lower the budget (a higher --ratio)")
+    return min(engine.chunk_tokens, int(room))
 
 
 def compress_document(engine: Engine, text: str, policy: Policy, *, ratio: float | None = None,
@@ -85,7 +116,8 @@ def compress_document(engine: Engine, text: str, policy: Policy, *, ratio: float
                       store: CacheStore | None = None, force: bool = False, progress: bool = False,
                       check: Callable[[], None] | None = None, extra: dict | None = None,
                       admit: Callable[[int], None] | None = None,
-                      pause: Callable[[], None] | None = None) -> CompressedDocument:
+                      pause: Callable[[], None] | None = None, max_kv_bytes: int | None = None,
+                      on_chunk: Callable[[int, int], None] | None = None) -> CompressedDocument:
     """Prefill ``text``, compress it with ``policy`` (and quantize), and keep it in ``store``; reuse a stored copy.
 
     ``check`` runs before every forward pass of the prefill and once more before the file is committed; it may raise
@@ -93,13 +125,16 @@ def compress_document(engine: Engine, text: str, policy: Policy, *, ratio: float
     not stored yet and with the new file's size in bytes before it is committed; it may raise to refuse, and then
     nothing is written. ``extra`` is added to the new file's metadata (not to its key). ``pause`` (the server's
     ``job.pause``) replaces ``check`` between the prefill's forward passes: other work may run there, which is why it
-    is never called while the store entry is locked."""
+    is never called while the store entry is locked. ``max_kv_bytes`` bounds the KV memory held while reading: when
+    the full cache would exceed it, the document is prefilled chunk by chunk and compressed as it goes
+    (``engine.streaming``; ``on_chunk(tokens_read, held_bytes)`` after each chunk)."""
     store = store or CacheStore()
     prefix_ids = engine.prompt(text, "").prefix_ids
     context_tokens = int(prefix_ids.numel())
     engine.check_length(context_tokens + 1, force=force)
     budget = resolve_budget(ratio, budget_tokens, context_tokens)  # bad arguments fail before the slow prefill
-    key = document_key(engine, text, policy, ratio, budget, quantization)
+    stream_chunk = streaming_chunk(engine, context_tokens, budget, max_kv_bytes)
+    key = document_key(engine, text, policy, ratio, budget, quantization, stream_chunk)
     with store.reading(key) as found:  # `cache rm|gc` cannot remove it while it loads
         if found is not None:
             try:
@@ -113,10 +148,22 @@ def compress_document(engine: Engine, text: str, policy: Policy, *, ratio: float
                 pass  # damaged or not this entry: compute it again and replace it
     if admit is not None:
         admit(0)
-    result = engine.prefill(prefix_ids, policy.observation_request(), progress=progress, check=pause or check)
-    cache, budget, compress_s = engine.compress(result, policy, budget_tokens=budget)
-    full_bytes, last_logits, prefill_s = result.cache.held_bytes, result.last_logits, result.seconds
-    del result  # the full cache is freed before the file is written
+    streamed: dict = {}
+    if stream_chunk is not None:
+        from kvlab.engine.streaming import kv_bytes_per_token, streaming_prefill
+
+        outcome = streaming_prefill(engine, prefix_ids, policy, budget, chunk_tokens=stream_chunk, progress=progress,
+                                    check=pause or check, on_chunk=on_chunk)
+        cache, last_logits, compress_s = outcome.cache, outcome.last_logits, outcome.compress_s
+        prefill_s = outcome.seconds - outcome.compress_s
+        full_bytes = context_tokens * kv_bytes_per_token(engine)  # what a full prefill would have held
+        streamed = {"streamed": {"chunk_tokens": stream_chunk, "peak_kv_bytes": outcome.peak_kv_bytes,
+                                 "compressions": outcome.compressions}}
+    else:
+        result = engine.prefill(prefix_ids, policy.observation_request(), progress=progress, check=pause or check)
+        cache, budget, compress_s = engine.compress(result, policy, budget_tokens=budget)
+        full_bytes, last_logits, prefill_s = result.cache.held_bytes, result.last_logits, result.seconds
+        del result  # the full cache is freed before the file is written
     stored = cache if quantization is None else quantize_cache(cache, quantization.scheme, quantization.group_size,
                                                                 quantization.residual_tokens)
     held = from_stored(stored).held_bytes if isinstance(stored, QuantizedKVCache) else cache.held_bytes
@@ -126,7 +173,8 @@ def compress_document(engine: Engine, text: str, policy: Policy, *, ratio: float
                            "kv_bytes_stored": (stored.nbytes if isinstance(stored, QuantizedKVCache)
                                                else cache.held_bytes),
                            "prefill_s": prefill_s, "compress_s": compress_s, "turns": 0,
-                           "pending_token_ids": [], "kept_tokens": cache.kept_tokens(), **(extra or {})})
+                           "pending_token_ids": [], "kept_tokens": cache.kept_tokens(), **streamed,
+                           **(extra or {})})
 
     written = {}
 

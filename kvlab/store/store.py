@@ -101,10 +101,24 @@ def key_for(*, model_fingerprint: str, text_sha256: str, policy: str, policy_par
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def keyed_policy_params(policy_params: dict, streamed_chunk_tokens: int | None) -> dict:
+    """The policy parameters a key hashes: a document compressed while streaming (``engine.streaming``) is another
+    cache than one compressed after a full prefill, so its chunk size joins them."""
+    if streamed_chunk_tokens is None:
+        return policy_params
+    return {**policy_params, "streamed_chunk_tokens": int(streamed_chunk_tokens)}
+
+
+def _streamed_chunk(meta: CacheMeta) -> int | None:
+    streamed = meta.extra.get("streamed")
+    return streamed.get("chunk_tokens") if isinstance(streamed, dict) else None
+
+
 def key_for_meta(meta: CacheMeta) -> str:
     """The key ``meta``'s file is stored under: its budget, not its ratio (see the module docstring)."""
     return key_for(model_fingerprint=meta.model_fingerprint, text_sha256=meta.text_sha256, policy=meta.policy,
-                   policy_params=meta.policy_params, ratio=None, budget_tokens=meta.budget_tokens,
+                   policy_params=keyed_policy_params(meta.policy_params, _streamed_chunk(meta)), ratio=None,
+                   budget_tokens=meta.budget_tokens,
                    query_aware=meta.query_aware, quantization=meta.quantization)
 
 
@@ -112,7 +126,8 @@ def keys_for_meta(meta: CacheMeta) -> tuple[str, ...]:
     """Every key ``meta``'s file may be stored under: ``key_for_meta``, and the key with the ratio that files written
     before issue 14 were stored under. Both describe the same cache: the budget, not the ratio, determines it."""
     legacy = key_for(model_fingerprint=meta.model_fingerprint, text_sha256=meta.text_sha256, policy=meta.policy,
-                     policy_params=meta.policy_params, ratio=meta.ratio, budget_tokens=meta.budget_tokens,
+                     policy_params=keyed_policy_params(meta.policy_params, _streamed_chunk(meta)), ratio=meta.ratio,
+                     budget_tokens=meta.budget_tokens,
                      query_aware=meta.query_aware, quantization=meta.quantization)
     return (key_for_meta(meta), legacy)
 

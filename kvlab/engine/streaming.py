@@ -1,0 +1,94 @@
+"""Streaming prefill under a budget: read a document chunk by chunk and compress as it goes, so the KV memory held
+while reading stays at the budget plus one chunk, whatever the document's length (StreamingLLM and InfLLM keep
+memory bounded the same way; Xiao et al., 2024).
+
+Each chunk is fed on top of what was kept, recording what the policy observes of *that chunk's* queries (its
+observation window is the chunk's last tokens; attention sums cover the chunk). Once the cache holds more than the
+budget, the policy compresses all of it, the chunk included, back to the budget: the conversation rule's step
+(``conversation.CompressionRule``), applied to the whole cache. A policy therefore scores each token by what the
+chunks that came after it attended to, not by the end of the document; policies that need a replay of the whole
+context (KVzip's reconstruction) get none and fall back to what the chunk observed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm.auto import tqdm
+
+from kvlab.cache.kvcache import KVCache
+from kvlab.cache.observations import Observations
+from kvlab.engine.compress import compress
+from kvlab.engine.conversation import CompressionRule
+from kvlab.engine.prefill import empty_cache
+from kvlab.errors import BudgetError
+from kvlab.policies.base import Policy
+from kvlab.units import format_mib
+
+if TYPE_CHECKING:
+    from kvlab.engine import Engine
+
+
+@dataclass
+class StreamedPrefill:
+    """The compressed cache of the whole prefix, the logits after its last token, and what it cost:
+    ``peak_kv_bytes`` is the most KV memory held at once (the budget plus a chunk), ``compressions`` how many times
+    the policy ran."""
+
+    cache: KVCache
+    last_logits: torch.Tensor
+    seconds: float
+    compress_s: float
+    peak_kv_bytes: int
+    compressions: int
+
+
+def kv_bytes_per_token(engine: Engine) -> int:
+    """Bytes one token's keys and values take in the model's dtype, over every layer (sliding layers included)."""
+    probe = empty_cache(engine.model, engine.layout)
+    element = next(engine.model.parameters()).element_size()
+    return sum(2 * layer.spec.kv_heads * layer.spec.head_dim * element for layer in probe.layers)
+
+
+def streaming_prefill(engine: Engine, token_ids: torch.Tensor, policy: Policy, budget_tokens: int, *,
+                      chunk_tokens: int | None = None, progress: bool = False,
+                      check: Callable[[], None] | None = None,
+                      on_chunk: Callable[[int, int], None] | None = None) -> StreamedPrefill:
+    """Prefill ``token_ids`` (1-D) keeping at most ``budget_tokens`` per head between chunks. ``on_chunk(fed,
+    held_bytes)`` is called after each chunk (``kvlab compress`` prints a running memory figure from it)."""
+    if policy.name == "full":
+        raise BudgetError("streaming prefill needs a policy that evicts (the full cache keeps every token); pick "
+                          "one with --policy, or drop the memory limit")
+    chunk = chunk_tokens or engine.chunk_tokens
+    total = int(token_ids.numel())
+    rule = CompressionRule(policy, budget_tokens, headroom=0.0)
+    started = time.perf_counter()
+    cache = empty_cache(engine.model, engine.layout)
+    peak, compress_s, compressions = 0, 0.0, 0
+    logits = None
+    bar = tqdm(total=total, unit="tok", desc="streaming prefill", disable=not progress, leave=False)
+    for start in range(0, total, chunk):
+        if check is not None:
+            check()
+        piece = token_ids[start:start + chunk]
+        recorder = rule.recorder(engine.layout, cache.num_tokens, int(piece.numel()), engine.loaded.fingerprint)
+        logits = engine.feed(cache, piece, observer=recorder, chunk_tokens=chunk)
+        peak = max(peak, cache.held_bytes)
+        if rule.over_budget(cache):
+            observations = recorder.finish(None) if recorder is not None else Observations()
+            began = time.perf_counter()
+            cache, _ = compress(cache.dense(), policy, observations, budget_tokens=budget_tokens)
+            compress_s += time.perf_counter() - began
+            compressions += 1
+        bar.update(int(piece.numel()))
+        bar.set_postfix_str(f"KV held {format_mib(cache.held_bytes)}, peak {format_mib(peak)}")
+        if on_chunk is not None:
+            on_chunk(start + int(piece.numel()), cache.held_bytes)
+    bar.close()
+    if logits is None:
+        raise BudgetError("nothing to prefill: the document is empty")
+    return StreamedPrefill(cache, logits, time.perf_counter() - started, compress_s, peak, compressions)

@@ -1,0 +1,77 @@
+"""Streaming prefill under a budget (``engine.streaming``): memory stays at the budget plus a chunk, a budget that
+holds the whole document changes nothing, and `kvlab compress --max-kv-memory` streams only when the full cache
+would not fit, keyed apart from a compress-after-prefill copy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kvlab.engine import Engine
+from kvlab.engine.streaming import kv_bytes_per_token, streaming_prefill
+from kvlab.errors import BudgetError
+from kvlab.policies import make_policy
+from kvlab.store import CacheStore
+from kvlab.store.documents import compress_document
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama):
+    return Engine(tiny_llama, chunk_tokens=64)
+
+
+def test_held_memory_stays_at_the_budget_plus_one_chunk(engine):
+    ids = torch.randint(3, 200, (600,))
+    budget, chunk = 100, 64
+    streamed = streaming_prefill(engine, ids, make_policy("snapkv"), budget, chunk_tokens=chunk)
+    per_token = kv_bytes_per_token(engine)
+    assert streamed.peak_kv_bytes <= (budget + chunk) * per_token
+    assert streamed.cache.num_tokens == 600 and streamed.cache.kept_tokens() <= budget
+    assert streamed.compressions >= (600 - budget) // chunk
+    full = engine.prefill(ids)
+    assert full.cache.held_bytes == 600 * per_token > 3 * streamed.peak_kv_bytes
+
+
+def test_a_budget_holding_the_whole_document_changes_nothing(engine):
+    ids = torch.randint(3, 200, (300,))
+    streamed = streaming_prefill(engine, ids, make_policy("snapkv"), 400, chunk_tokens=64)
+    assert streamed.compressions == 0
+    torch.testing.assert_close(streamed.last_logits, engine.prefill(ids).last_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_the_full_policy_cannot_stream(engine):
+    with pytest.raises(BudgetError, match="needs a policy that evicts"):
+        streaming_prefill(engine, torch.randint(3, 200, (100,)), make_policy("full"), 50)
+
+
+def test_compress_document_streams_only_past_the_memory_limit(engine, tmp_path):
+    text = "The harbour master counted the boats. " * 40
+    store = CacheStore(tmp_path / "store")
+    policy = make_policy("streaming_llm")
+    per_token = kv_bytes_per_token(engine)
+    context = int(engine.prompt(text, "").prefix_ids.numel())
+    roomy = compress_document(engine, text, policy, ratio=0.75, store=store, max_kv_bytes=2 * context * per_token)
+    assert "streamed" not in roomy.meta.extra
+    tight = compress_document(engine, text, policy, ratio=0.75, store=store,
+                              max_kv_bytes=(context // 4 + 1 + 80) * per_token)
+    streamed = tight.meta.extra["streamed"]
+    assert tight.key != roomy.key and streamed["chunk_tokens"] >= 64
+    assert streamed["peak_kv_bytes"] <= (context // 4 + 1 + streamed["chunk_tokens"]) * per_token
+    assert tight.kv_bytes_full == context * per_token  # what a full prefill would have held
+    with pytest.raises(BudgetError, match="raise the limit"):
+        compress_document(engine, text, policy, ratio=0.5, store=store, max_kv_bytes=(context // 4) * per_token)
+
+
+def test_compress_cli_reports_the_streamed_peak(tmp_path, monkeypatch, capsys):
+    from kvlab.cli import main
+
+    monkeypatch.setenv("KVLAB_CACHE_DIR", str(tmp_path / "cache"))
+    document = tmp_path / "doc.txt"
+    document.write_text("The pass key is 4242. Remember it. " * 60)
+    code = main(["compress", "--context-file", str(document), "--model", "tiny-llama", "--policy", "snapkv",
+                 "--ratio", "0.8", "--chunk-tokens", "128", "--max-kv-memory", "1MiB", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["streamed"]["peak_kv_bytes"] <= 1024 * 1024 < result["kv_bytes_full"]
