@@ -8,12 +8,11 @@ import os
 import signal
 
 import pytest
+import ray  # the test extra installs it: these tests never skip
 
+from kvlab.bench.distributed import RayOptions
 from kvlab.bench.session import BenchRequest, run_bench
 from kvlab.errors import KvlabError, ParameterError
-
-ray = pytest.importorskip("ray", reason="the test extra installs ray")
-from kvlab.bench.distributed import RayOptions  # noqa: E402
 
 TIMINGS = {"prefill_s", "compress_s", "decode_s", "question_s", "load_s", "peak_rss_mib"}
 
