@@ -34,6 +34,7 @@ from kvlab.errors import UnsupportedModelError
 from kvlab.models.extension import SelfExtend
 
 IMPLEMENTATION_NAME = "kvlab"
+MASKED_SCORE_ELEMENTS = 1 << 24  # scores per block of a masked attention call (64 MiB in fp32)
 STEP_KEYWORD = "kvlab_step"
 
 # observer(layer_index, spec, queries (query_heads, q, d), keys (kv_heads, K, d), slot_positions (kv_heads, K),
@@ -100,9 +101,16 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layer:
         return F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
     if padding is None and window is None and past > 0 and _flash_available(query):
         return _past_plus_causal(query, keys, values, spec, past, scale)
-    mask = position_mask(layer.positions, query_positions, window)
-    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask.repeat_interleave(
-        spec.group_size, dim=0).unsqueeze(0), scale=scale, enable_gqa=True)
+    # a masked call materialises (query_heads, q, S) scores on the CPU: queries go in blocks so that a long chunk
+    # over a padded (compressed) cache does not hold gigabytes at once; each query's result is the same either way
+    block = max(1, MASKED_SCORE_ELEMENTS // max(1, spec.query_heads * slots))
+    outputs = []
+    for start in range(0, count, block):
+        mask = position_mask(layer.positions, query_positions[start:start + block], window)
+        outputs.append(F.scaled_dot_product_attention(
+            query[:, :, start:start + block], keys, values,
+            attn_mask=mask.repeat_interleave(spec.group_size, dim=0).unsqueeze(0), scale=scale, enable_gqa=True))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
 
 
 def _decode(query, keys, values, spec: LayerSpec, padding: torch.Tensor | None, scale: float) -> torch.Tensor:

@@ -75,3 +75,15 @@ def test_compress_cli_reports_the_streamed_peak(tmp_path, monkeypatch, capsys):
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["streamed"]["peak_kv_bytes"] <= 1024 * 1024 < result["kv_bytes_full"]
+
+
+def test_masked_attention_in_query_blocks_equals_one_block(engine, monkeypatch):
+    """A long chunk over a compressed (padded) cache attends in query blocks to bound its score matrix; each query's
+    output must not depend on the blocking."""
+    import kvlab.engine.attention as attention
+
+    ids = torch.randint(3, 200, (300,))
+    compressed, _, _ = engine.compress(engine.prefill(ids[:200]), make_policy("snapkv"), ratio=0.5)
+    whole = engine.feed(compressed.fork(), ids[200:], chunk_tokens=100)
+    monkeypatch.setattr(attention, "MASKED_SCORE_ELEMENTS", 1)  # one query per block
+    torch.testing.assert_close(engine.feed(compressed.fork(), ids[200:], chunk_tokens=100), whole)
