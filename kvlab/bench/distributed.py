@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
@@ -73,9 +73,7 @@ class Failure:
 
 @dataclass
 class RayProgress(BenchProgress):
-    failures: list[Failure] = field(default_factory=list)
     workers: int = 0
-    worker_restarts: int = 0
 
 
 def import_ray():

@@ -140,6 +140,8 @@ class BenchProgress:
     wall_s: float = 0.0
     interrupted: bool = False
     rows: list[dict] = field(default_factory=list)
+    failures: list = field(default_factory=list)  # Ray runs: samples given up (distributed.Failure)
+    worker_restarts: int = 0  # Ray runs: workers that died mid-sample and were restarted
 
 
 @dataclass

@@ -14,6 +14,7 @@ from kvlab.bench.results import ResultsFile
 from kvlab.bench.runner import BenchProgress, GridSettings, grid, run_grid, run_info_for
 from kvlab.errors import KvlabError, ParameterError
 from kvlab.fileio import atomic_write_text
+from kvlab.models.extension import extension_label
 
 DEFAULT_GRID = PRESETS["quick"]
 
@@ -61,14 +62,7 @@ class BenchRequest:
             if args.query_aware is None else args.query_aware,
             mode=args.mode, quantizations=_quantizations(args.quantize), data_file=args.data,
             haystack_dir=args.haystack_dir, seed=args.seed, device=args.device, dtype=args.dtype, weights=args.weights,
-            chunk_tokens=args.chunk_tokens, force=args.force, extension=_extension_text(getattr(args, "extend", None)))
-
-
-def _extension_text(text: str | None) -> str | None:
-    from kvlab.models.extension import parse_extension
-
-    extension = parse_extension(text)
-    return extension.label if extension is not None else None
+            chunk_tokens=args.chunk_tokens, force=args.force, extension=extension_label(getattr(args, "extend", None)))
 
 
 def _quantizations(text: str | None) -> tuple[str | None, ...]:
@@ -119,8 +113,6 @@ def run_bench(request: BenchRequest, *, progress: bool = True, loaded=None, ray=
     ``ray`` (``distributed.RayOptions``) runs the samples on Ray workers instead of in this process
     (``on_sample`` is then called after each finished sample)."""
     cells = grid(list(request.policies), list(request.ratios), list(request.quantizations))  # fails before loading
-    settings_of = lambda run_info: GridSettings(request.mode, request.query_aware, request.seed, request.force,
-                                                run_info)
     out_dir = Path(request.out_dir)
     results = ResultsFile(out_dir / "results.jsonl")
     started = time.time()
@@ -133,7 +125,8 @@ def run_bench(request: BenchRequest, *, progress: bool = True, loaded=None, ray=
             _check_folder(out_dir, run_info, request)
             samples = load_data(request.data_file) if request.data_file else pool.samples()
             meta_fidelity = pool.weights_fidelity(samples[0].context) if request.weights != "fp" and samples else None
-            outcome = pool.run(samples, cells, results, settings_of(run_info), on_sample=on_sample)
+            settings = GridSettings(request.mode, request.query_aware, request.seed, request.force, run_info)
+            outcome = pool.run(samples, cells, results, settings, on_sample=on_sample)
             machine = pool.machine
     else:
         from kvlab.engine import Engine
@@ -152,7 +145,7 @@ def run_bench(request: BenchRequest, *, progress: bool = True, loaded=None, ray=
         outcome = run_grid(engine, samples, cells, results, mode=request.mode, query_aware=request.query_aware,
                            seed=request.seed, force=request.force, run_info=run_info, progress=progress)
         machine = machine_description(str(engine.loaded.device))
-    failures = [asdict(failure) for failure in getattr(outcome, "failures", [])]
+    failures = [asdict(failure) for failure in outcome.failures]
     state = _update_run_file(out_dir, run_info, request, outcome, started, machine, failures)
     meta = {**run_info, "mode": request.mode, "query_aware": request.query_aware,
             "quantizations": [q or "none" for q in request.quantizations],
@@ -169,7 +162,7 @@ def run_bench(request: BenchRequest, *, progress: bool = True, loaded=None, ray=
                    f"failed_samples): rerun the same command to retry them")
     if outcome.interrupted:
         status += "; interrupted: rerun the same command to resume"
-    restarts = getattr(outcome, "worker_restarts", 0)
+    restarts = outcome.worker_restarts
     if restarts:
         status += f"; {restarts} Ray workers died mid-sample and were restarted (their samples ran again)"
     return BenchOutcome(paths["table"], status, paths, outcome.interrupted, outcome.prefills, outcome.rows_written,

@@ -80,14 +80,6 @@ def _compress_above(value: str) -> int | None:
     return tokens
 
 
-def _extension_text(text: str | None) -> str | None:
-    """The --extend spec, checked now (one line on a bad one, before the model loads) and spelled canonically."""
-    from kvlab.models.extension import parse_extension
-
-    extension = parse_extension(text)
-    return extension.label if extension is not None else None
-
-
 def run(args: argparse.Namespace) -> int:
     from kvlab.errors import ParameterError
 
@@ -152,6 +144,7 @@ def _settings(args: argparse.Namespace):
 
     from kvlab.cli.common import policy_from_args, ratio_from_args
     from kvlab.errors import ParameterError
+    from kvlab.models.extension import extension_label
     from kvlab.server import Settings
     from kvlab.server.settings import LOOPBACK_HOSTS
     from kvlab.store.store import parse_size
@@ -165,7 +158,7 @@ def _settings(args: argparse.Namespace):
         if getattr(args, name) <= 0:
             raise ParameterError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
     settings = Settings(model=args.model, device=args.device, dtype=args.dtype, weights=args.weights,
-                        extension=_extension_text(args.extend),
+                        extension=extension_label(args.extend),
                         policy=policy.name,
                         policy_params=policy.params(), ratio=ratio_from_args(args), budget_tokens=args.budget,
                         kv_quant=None if args.kv_quant in (None, "none") else args.kv_quant,

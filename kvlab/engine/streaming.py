@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 
 from kvlab.cache.kvcache import KVCache
 from kvlab.cache.observations import Observations
-from kvlab.engine.compress import compress
 from kvlab.engine.conversation import CompressionRule
 from kvlab.engine.prefill import empty_cache
 from kvlab.errors import BudgetError
@@ -73,9 +72,8 @@ def _glibc() -> ctypes.CDLL | None:
 
 def kv_bytes_per_token(engine: Engine) -> int:
     """Bytes one token's keys and values take in the model's dtype, over every layer (sliding layers included)."""
-    probe = empty_cache(engine.model, engine.layout)
-    element = next(engine.model.parameters()).element_size()
-    return sum(2 * layer.spec.kv_heads * layer.spec.head_dim * element for layer in probe.layers)
+    element = next(engine.model.parameters()).element_size()  # the dtype empty_cache gives every layer
+    return sum(2 * spec.kv_heads * spec.head_dim * element for spec in engine.layout)
 
 
 def streaming_prefill(engine: Engine, token_ids: torch.Tensor, policy: Policy, budget_tokens: int, *,
@@ -105,7 +103,7 @@ def streaming_prefill(engine: Engine, token_ids: torch.Tensor, policy: Policy, b
         if rule.over_budget(cache):
             observations = recorder.finish(None) if recorder is not None else Observations()
             began = time.perf_counter()
-            cache, _ = compress(cache.dense(), policy, observations, budget_tokens=budget_tokens)
+            cache, _ = rule.apply(cache, observations, protected_from=cache.num_tokens)  # the chunk is not spared
             del observations, recorder
             release_freed_memory()
             compress_s += time.perf_counter() - began

@@ -107,6 +107,13 @@ def parse_extension(text: str | None) -> Extension | None:
     return kind(**values)
 
 
+def extension_label(text: str | None) -> str | None:
+    """``--extend`` text checked now (one line on a bad spec, before any model loads) and spelled canonically, as
+    settings that travel without the parsed object (bench requests, server settings) keep it; None for none."""
+    extension = parse_extension(text)
+    return extension.label if extension is not None else None
+
+
 def extension_of(model) -> Extension | None:
     """The extension a loaded model runs with (read from its config; parsed once per model)."""
     cached = model.__dict__.get("_kvlab_extension", False)
