@@ -92,7 +92,8 @@ def document_key(engine: Engine, text: str, policy: Policy, ratio: float | None,
                    query_aware=False, quantization=quantization)
 
 
-def streaming_chunk(engine: Engine, context_tokens: int, budget_tokens: int, max_kv_bytes: int | None) -> int | None:
+def streaming_chunk(engine: Engine, policy: Policy, context_tokens: int, budget_tokens: int,
+                    max_kv_bytes: int | None) -> int | None:
     """The chunk size to stream with under ``max_kv_bytes``, or None when the full cache fits (prefill it whole).
     The chunk is the engine's, shrunk so that the budget plus one chunk fit the limit."""
     if max_kv_bytes is None:
@@ -103,6 +104,10 @@ def streaming_chunk(engine: Engine, context_tokens: int, budget_tokens: int, max
     per_token = kv_bytes_per_token(engine)
     if context_tokens * per_token <= max_kv_bytes:
         return None
+    if policy.name == "full":
+        raise BudgetError(f"the full cache of this document ({format_mib(context_tokens * per_token)}) exceeds "
+                          f"--max-kv-memory {format_mib(max_kv_bytes)} and --policy full evicts nothing; pick a "
+                          f"policy that evicts, or raise the limit")
     room = max_kv_bytes // per_token - budget_tokens
     if room < MIN_STREAM_CHUNK_TOKENS:
         raise BudgetError(f"--max-kv-memory {format_mib(max_kv_bytes)} holds {max_kv_bytes // per_token} tokens of "
@@ -133,7 +138,7 @@ def compress_document(engine: Engine, text: str, policy: Policy, *, ratio: float
     context_tokens = int(prefix_ids.numel())
     engine.check_length(context_tokens + 1, force=force)
     budget = resolve_budget(ratio, budget_tokens, context_tokens)  # bad arguments fail before the slow prefill
-    stream_chunk = streaming_chunk(engine, context_tokens, budget, max_kv_bytes)
+    stream_chunk = streaming_chunk(engine, policy, context_tokens, budget, max_kv_bytes)
     key = document_key(engine, text, policy, ratio, budget, quantization, stream_chunk)
     with store.reading(key) as found:  # `cache rm|gc` cannot remove it while it loads
         if found is not None:

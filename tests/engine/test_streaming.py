@@ -62,6 +62,8 @@ def test_compress_document_streams_only_past_the_memory_limit(engine, tmp_path):
     assert tight.kv_bytes_full == context * per_token  # what a full prefill would have held
     with pytest.raises(BudgetError, match="raise the limit"):
         compress_document(engine, text, policy, ratio=0.5, store=store, max_kv_bytes=(context // 4) * per_token)
+    with pytest.raises(BudgetError, match="--policy full evicts nothing"):
+        compress_document(engine, text, make_policy("full"), store=store, max_kv_bytes=(context // 4) * per_token)
 
 
 def test_compress_cli_reports_the_streamed_peak(tmp_path, monkeypatch, capsys):
