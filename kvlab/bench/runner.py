@@ -313,6 +313,7 @@ def _compressed(engine: Engine, context: _Context, cell: Cell) -> tuple[KVCache,
         compress_s += time.perf_counter() - started
     figures = memory_figures(context.result.cache.held_bytes, cache.held_bytes, cache.kv_bytes_full_fp16)
     return cache, {"budget_tokens": budget, "compress_s": compress_s, **figures,
+                   "kv_bytes_read": cache.decode_read_bytes,
                    "kept_tokens": context_kept_tokens(cache, context.context_tokens)}
 
 

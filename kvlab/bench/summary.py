@@ -15,8 +15,8 @@ BUDGET_CAPTION = ("For each memory budget, the highest-scoring cell whose KV byt
                   "(per-sample means), so 0.125 is 8x smaller; share of full = score / the score of the full cache "
                   "without quantization. A row reads: within this much memory, this is the best any measured cell "
                   "did.")
-MEANS = ("kl_vs_full", "kv_bytes_kept", "kv_bytes_full", "kv_bytes_full_fp16", "kept_tokens", "compress_s",
-         "decode_s", "prefill_s", "question_s", "decode_tokens", "decode_rows")
+MEANS = ("kl_vs_full", "kv_bytes_kept", "kv_bytes_read", "kv_bytes_full", "kv_bytes_full_fp16", "kept_tokens",
+         "compress_s", "decode_s", "prefill_s", "question_s", "decode_tokens", "decode_rows")
 
 
 def mean_and_stderr(values: list[float]) -> tuple[float, float]:

@@ -18,6 +18,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvlab.cache.kvcache import KVCache, LayerCache
+from kvlab.cache.paged import PagedLayerCache
 
 
 class _LayerView(CacheLayerMixin):
@@ -67,6 +68,10 @@ class HFCacheView(Cache):
             raise RuntimeError("HFCacheView.update before begin(): the runner sets the new tokens' positions")
         layer: LayerCache = self.cache.layers[layer_idx]
         layer.append(key_states[0], value_states[0], self.positions)
+        if key_states.shape[2] == 1 and isinstance(layer, PagedLayerCache):
+            # a paged layer's decode step reads only the pages its query selects (engine.attention); handing
+            # attention every slot here would read (and dequantize) the whole layer for nothing
+            return key_states, value_states
         keys, values = layer.attention_tensors()
         return keys.unsqueeze(0), values.unsqueeze(0)
 

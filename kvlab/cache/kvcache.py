@@ -211,6 +211,20 @@ class LayerCache:
         """This layer with plain key and value tensors (itself; quantized layers dequantize)."""
         return self
 
+    def decode_read_bytes(self) -> int:
+        """Bytes of this layer one decode step reads: all it holds (a paged layer reads fewer, ``cache.paged``)."""
+        return self.held_bytes
+
+    @property
+    def storage(self) -> LayerCache:
+        """The layer that holds the tensors: itself, or the one a wrapper (``cache.paged``) reads through."""
+        return self
+
+    def map_storage(self, change) -> LayerCache:
+        """``change(storage)``, kept under this layer's wrapper if it has one (quantizing a paged layer keeps its
+        pages)."""
+        return change(self)
+
     # -- attention -------------------------------------------------------------------------------------------------
     def attention_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values) as attention reads them, (kv_heads, slots, head_dim) each, in slot order."""
@@ -233,6 +247,12 @@ class KVCache:
     def live_bytes(self) -> int:
         """Bytes of the kept keys and values (padding excluded)."""
         return sum(layer.live_bytes for layer in self.layers)
+
+    @property
+    def decode_read_bytes(self) -> int:
+        """Bytes of keys and values (and page summaries) one decode step reads: ``held_bytes`` unless layers are
+        paged (``quest`` reads the pages a query selects)."""
+        return sum(layer.decode_read_bytes() for layer in self.layers)
 
     @property
     def allocated_bytes(self) -> int:

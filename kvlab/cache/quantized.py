@@ -115,17 +115,9 @@ class QuantizedLayerCache(LayerCache):
         return (self.spec.kv_heads, self.slots, self.spec.head_dim)
 
     def _dequantize(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        heads, dim, group = self.spec.kv_heads, self.spec.head_dim, self.params.group_size
-        code_slots, codes, bits = self.code_slots, self.codes, self.params.bits
+        code_slots = self.code_slots
         if code_slots:
-            key_rows = keys[:, :code_slots]
-            unpack_codes_into(codes["key_codes"], bits, key_rows)
-            grouped = key_rows.view(heads, code_slots // group, group, dim)
-            torch.addcmul(codes["key_zeros"].to(self.dtype)[:, :, None, :], grouped,
-                          codes["key_scales"].to(self.dtype)[:, :, None, :], out=grouped)
-            value_rows = values[:, :code_slots]
-            unpack_codes_into(codes["value_codes"], bits, value_rows)
-            scale_per_token_into(value_rows, codes["value_scales"], codes["value_zeros"], group)
+            dequantize_codes_into(self.codes, self.params, keys[:, :code_slots], values[:, :code_slots])
         keys[:, code_slots:] = self.residual.keys
         values[:, code_slots:] = self.residual.values
         return keys, values
@@ -227,7 +219,7 @@ def quantize_in_memory(cache: KVCache, params: QuantizationParams, *, sliding: b
         if layer.quantized or (layer.spec.kind == "sliding" and not sliding):
             layers.append(layer.fork())
         elif layer.spec.kind == "full":
-            layers.append(QuantizedLayerCache.from_layer(layer, params))
+            layers.append(layer.map_storage(lambda storage: QuantizedLayerCache.from_layer(storage, params)))
         else:
             layers.append(QuantizedSlidingLayerCache.from_layer(layer, params))
     return KVCache(layers=layers, num_tokens=cache.num_tokens)
@@ -243,12 +235,28 @@ def from_stored(stored: QuantizedKVCache) -> KVCache:
 def quantization_of(cache: KVCache) -> QuantizationParams | None:
     """The parameters a cache's quantized layers were built with (None: nothing is quantized)."""
     for layer in cache.layers:
-        if isinstance(layer, QuantizedLayerCache | QuantizedSlidingLayerCache):
-            return layer.params
+        storage = layer.storage
+        if isinstance(storage, QuantizedLayerCache | QuantizedSlidingLayerCache):
+            return storage.params
     return None
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------
+def dequantize_codes_into(codes: dict[str, torch.Tensor], params: QuantizationParams, keys: torch.Tensor,
+                          values: torch.Tensor) -> None:
+    """Write the keys and values that ``codes`` (``CODE_FIELDS``, Q rows: whole key groups) encode into ``keys``
+    and ``values`` (H, Q, D) in the compute dtype. Any whole groups may be passed: ``cache.paged`` hands in the
+    groups (pages) a decode step selected."""
+    heads, rows, dim = keys.shape
+    group, dtype = params.group_size, keys.dtype
+    unpack_codes_into(codes["key_codes"], params.bits, keys)
+    grouped = keys.view(heads, rows // group, group, dim)
+    torch.addcmul(codes["key_zeros"].to(dtype)[:, :, None, :], grouped, codes["key_scales"].to(dtype)[:, :, None, :],
+                  out=grouped)
+    unpack_codes_into(codes["value_codes"], params.bits, values)
+    scale_per_token_into(values, codes["value_scales"], codes["value_zeros"], group)
+
+
 def _front_positions(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """(H, S): each head's real positions packed to the front in slot order, then padding."""
     mask = positions != PADDING_POSITION

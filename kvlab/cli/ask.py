@@ -135,7 +135,8 @@ def run_cached(args: argparse.Namespace, sampling) -> int:
         kv_bytes_allocated=document.cache.allocated_bytes, kv_bytes_full_fp16=full_fp16, prefill_s=turn.question_s,
         compress_s=turn.compress_s, decode_s=turn.decode_s, decode_tokens=len(turn.token_ids),
         kv_quant=None if held_quantization is None else held_quantization.scheme,
-        extra={"stopped_by": turn.stopped_by, "cache_file": str(args.cache), "file_bytes": document.file_bytes,
+        extra={"stopped_by": turn.stopped_by, "kv_bytes_read": document.cache.decode_read_bytes,
+               "cache_file": str(args.cache), "file_bytes": document.file_bytes,
                "quantization": meta.quantization.scheme if meta.quantization else None})
     load_s = meta.extra["load_s"]
     if args.json:
@@ -158,6 +159,12 @@ def refuse_policy_flags(args: argparse.Namespace) -> None:
                              "--ratio, --budget and -p (or compress again with `kvlab compress`)")
 
 
+def read_part(answer) -> str:
+    """`` | read per token X MiB`` where a decode step reads less than the cache holds (``quest``), else nothing."""
+    read = answer.extra.get("kv_bytes_read")
+    return "" if read is None or read >= answer.kv_bytes_kept else f" | KV read per token {format_mib(read)}"
+
+
 def stats_line(answer, prefilled_tokens: int) -> str:
     """One line of figures, each meaning what the README's "What each figure means" says: ``prefilled_tokens`` are
     the tokens this run ran through the model before decoding, in ``answer.prefill_s`` seconds (with ``--cache``,
@@ -167,7 +174,7 @@ def stats_line(answer, prefilled_tokens: int) -> str:
     return (f"[{answer.policy}{quant} {mode}] context {answer.context_tokens} tok | kept {answer.kept_tokens:.0f} "
             f"tok/head | KV in memory {format_mib(answer.kv_bytes_kept)} (full fp16 "
             f"{format_mib(answer.kv_bytes_full_fp16)}, compression {answer.compression:.2f}x)"
-            f" | prefill {prefilled_tokens} tok in {format_seconds(answer.prefill_s)} "
+            f"{read_part(answer)} | prefill {prefilled_tokens} tok in {format_seconds(answer.prefill_s)} "
             f"({per_second(prefilled_tokens, answer.prefill_s):.0f} tok/s)"
             f" | compress {format_seconds(answer.compress_s)} | decode {answer.decode_tokens} tok in "
             f"{format_seconds(answer.decode_s)} ({answer.decode_tokens_per_s:.1f} tok/s)")

@@ -206,6 +206,7 @@ class Engine:
             compress_s += time.perf_counter() - started
         kept_bytes, allocated_bytes, kept = cache.held_bytes, cache.allocated_bytes, context_kept_tokens(
             cache, context_tokens)
+        read_bytes = cache.decode_read_bytes
         full_fp16 = cache.kv_bytes_full_fp16
         question_s = 0.0
         if suffix is not None and suffix.numel():  # timed on its own: neither the prefill nor decoding
@@ -222,7 +223,7 @@ class Engine:
             kv_bytes_kept=kept_bytes, kv_bytes_allocated=allocated_bytes, kv_bytes_full_fp16=full_fp16,
             prefill_s=prefill_s, compress_s=compress_s, decode_s=generation.seconds,
             decode_tokens=len(generation.token_ids), kv_quant=None if kv_quant is None else kv_quant.scheme,
-            question_s=question_s, extra={"stopped_by": generation.stopped_by},
+            question_s=question_s, extra={"stopped_by": generation.stopped_by, "kv_bytes_read": read_bytes},
         )
 
 

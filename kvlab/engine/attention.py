@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from kvlab.cache.kvcache import PADDING_POSITION, KVCache, LayerCache
 from kvlab.cache.layout import LayerSpec
+from kvlab.cache.paged import PagedLayerCache
 from kvlab.engine.self_extend import needs_grouping, self_extend_attend
 from kvlab.errors import UnsupportedModelError
 from kvlab.models.extension import SelfExtend
@@ -79,7 +80,11 @@ def kvlab_attention_forward(module, query, key, value, attention_mask, scaling=N
     if step.observer is not None:
         step.observer(module.layer_idx, layer.spec, query[0], key[0], layer.positions, step.query_positions, scale)
     if step.extension is not None and needs_grouping(layer, step.query_positions, step.extension):
+        if isinstance(layer, PagedLayerCache) and query.shape[2] == 1:  # grouped positions: read every page
+            key, value = (tensor.unsqueeze(0) for tensor in layer.attention_tensors())
         output = self_extend_attend(query, key, value, layer, step.query_positions, scale, step.extension)
+    elif isinstance(layer, PagedLayerCache) and query.shape[2] == 1:
+        output = paged_decode(query, layer, scale)
     else:
         output = attend(query, key, value, layer, step.query_positions, scale)
     return output.transpose(1, 2).contiguous(), None
@@ -111,6 +116,18 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layer:
             query[:, :, start:start + block], keys, values,
             attn_mask=mask.repeat_interleave(spec.group_size, dim=0).unsqueeze(0), scale=scale, enable_gqa=True))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+
+
+def paged_decode(query: torch.Tensor, layer: PagedLayerCache, scale: float) -> torch.Tensor:
+    """One query (1, query_heads, 1, d) over the pages it selects in a paged layer (``cache.paged``, Quest) and the
+    layer's tail; the query heads sharing a KV head attend as a group of rows, so keys are never repeated."""
+    spec = layer.spec
+    keys, values, mask = layer.decode_tensors(query[0, :, 0])
+    dim = query.shape[-1]
+    grouped = query.reshape(1, spec.kv_heads, spec.group_size, dim)
+    output = F.scaled_dot_product_attention(grouped, keys.unsqueeze(0), values.unsqueeze(0),
+                                            attn_mask=None if mask is None else mask[None, :, None, :], scale=scale)
+    return output.reshape(1, spec.query_heads, 1, dim)
 
 
 def _decode(query, keys, values, spec: LayerSpec, padding: torch.Tensor | None, scale: float) -> torch.Tensor:

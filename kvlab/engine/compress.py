@@ -56,4 +56,5 @@ def compress(cache: KVCache, policy: Policy, observations: Observations, *, budg
     counts = policy.budget_rule().allocate(ranked, budget_tokens, protected_tokens)
     for index, layer_ranked, layer_counts in zip(full_layers, ranked, counts):
         compressed.layers[index] = select_slots(cache.layers[index], layer_ranked, layer_counts, compressible)
+    compressed = policy.arrange(compressed, budget_tokens + cache.num_tokens - compressible)  # the question too
     return compressed, time.perf_counter() - started + observations.cost_of(policy.observation_request())

@@ -53,7 +53,7 @@ class CompressionRule:
                  fingerprint: str | None = None) -> ObservationRecorder | None:
         """What the ``new_tokens`` fed on top of ``cache_tokens`` must observe for a re-compression (or None)."""
         request = self.policy.observation_request()
-        if request.empty or self.policy.name == "full":
+        if request.empty or self.policy.keeps_all_tokens:
             return None
         window = ObservationRequest(min(request.window_tokens or new_tokens, new_tokens), request.attention_sums,
                                     request.probes)
@@ -61,7 +61,7 @@ class CompressionRule:
                                    first_position=cache_tokens, model_fingerprint=fingerprint)
 
     def over_budget(self, cache: KVCache) -> bool:
-        if self.policy.name == "full":
+        if self.policy.keeps_all_tokens:
             return False
         return cache.kept_tokens() > math.floor(self.budget_tokens * (1 + self.headroom))
 

@@ -21,7 +21,8 @@ import sys
 import torch
 
 from kvlab.cache.kvcache import KVCache
-from kvlab.engine.attention import attend
+from kvlab.cache.paged import PagedLayerCache
+from kvlab.engine.attention import attend, paged_decode
 
 SUPPORTED = ("llama",)  # model types whose equality with the full forward is tested
 _LAYER_PARTS = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn")
@@ -85,6 +86,9 @@ class FastDecoder:
             layer = cache.layers[index]
             position = positions[row:row + 1]
             layer.append(key[0, :, row:row + 1], value[0, :, row:row + 1], position)
+            if isinstance(layer, PagedLayerCache):
+                outputs.append(paged_decode(query[:, :, row:row + 1], layer, self.scaling))
+                continue
             keys, values = layer.attention_tensors()
             outputs.append(attend(query[:, :, row:row + 1], keys.unsqueeze(0), values.unsqueeze(0), layer, position,
                                   self.scaling))

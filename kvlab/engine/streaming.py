@@ -82,8 +82,8 @@ def streaming_prefill(engine: Engine, token_ids: torch.Tensor, policy: Policy, b
                       on_chunk: Callable[[int, int], None] | None = None) -> StreamedPrefill:
     """Prefill ``token_ids`` (1-D) keeping at most ``budget_tokens`` per head between chunks. ``on_chunk(fed,
     held_bytes)`` is called after each chunk (``kvlab compress`` prints a running memory figure from it)."""
-    if policy.name == "full":
-        raise BudgetError("streaming prefill needs a policy that evicts (the full cache keeps every token); pick "
+    if policy.keeps_all_tokens:
+        raise BudgetError(f"streaming prefill needs a policy that evicts ({policy.name} keeps every token); pick "
                           "one with --policy, or drop the memory limit")
     chunk = chunk_tokens or engine.chunk_tokens
     total = int(token_ids.numel())

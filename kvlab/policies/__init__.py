@@ -72,7 +72,7 @@ def _convert(policy: str, key: str, value: Any, target: type) -> Any:
 
 
 BUILTIN_POLICY_MODULES = ("adakv", "duo", "expected_attention", "full", "h2o", "knorm", "kvzip", "pyramidkv",
-                          "random", "snapkv", "streaming_llm", "tova")
+                          "quest", "random", "snapkv", "streaming_llm", "tova")
 
 
 def _import_builtin_policies() -> None:

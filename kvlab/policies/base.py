@@ -14,10 +14,11 @@ from typing import Any, ClassVar
 
 import torch
 
+from kvlab.cache.kvcache import KVCache
 from kvlab.cache.layout import LayerSpec
 from kvlab.cache.observations import LayerObservation, ObservationRequest
 from kvlab.errors import ParameterError
-from kvlab.policies.budgets import BudgetRule, UniformBudget
+from kvlab.policies.budgets import BudgetRule, KeepAllBudget, UniformBudget
 
 
 def param(default: Any, help: str, *, unit: str = "", minimum: float | None = None,
@@ -73,6 +74,16 @@ class Policy:
 
     def budget_rule(self) -> BudgetRule:
         return UniformBudget()
+
+    @property
+    def keeps_all_tokens(self) -> bool:
+        """True for policies that evict nothing (``full``, ``quest``): there is nothing to compress again."""
+        return isinstance(self.budget_rule(), KeepAllBudget)
+
+    def arrange(self, cache: KVCache, budget_tokens: int) -> KVCache:
+        """The cache as this policy decodes on it, after selection (and again when a file is loaded): the kept
+        layers as they are, unless the policy holds them another way (``quest`` pages them)."""
+        return cache
 
     def params(self) -> dict[str, Any]:
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +35,15 @@ from kvlab.errors import (
 from kvlab.fileio import atomic_write_bytes
 from kvlab.models import LoadedModel
 from kvlab.models.fingerprint import tokenizer_fingerprint
+from kvlab.policies import POLICIES, make_policy, policy_class
 from kvlab.policies.base import Policy
 from kvlab.store.meta import RECREATE, CacheMeta, dtype_name
 from kvlab.store.tensors import cache_to_tensors, payload_sha256, tensors_to_cache
 
 FILE_SUFFIX = ".kv"
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
 METADATA_KEY = "kvlab"
 
 
@@ -107,16 +113,23 @@ def load_cache(path: str | Path, *, expected_model_fingerprint: str | None = Non
             _check_extension(meta, path, expected_extension)
         _check_fingerprints(meta, path, expected_model_fingerprint, expected_tokenizer_fingerprint,
                             expected_model_name)
+        mapping = None
         try:
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            if _arranges(meta):  # a paged cache is read where it lies: decoding touches only the pages it selects
+                tensors, mapping = _mapped_tensors(path)
+            else:
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         except Exception as error:  # safetensors raises its own error types and others; none may escape raw
             raise CorruptCacheError(f"{path} is truncated or corrupted ({_first_line(error)}); {RECREATE}") from None
     if payload_sha256(tensors) != meta.payload_sha256:
         raise CacheChecksumError(f"{path} failed its payload checksum: the tensor data was modified or damaged; "
                                  f"{RECREATE}")
+    if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)  # the checksum read every page: give them back to the page cache
     cache, last_logits = tensors_to_cache(meta, tensors, str(path))
     if isinstance(cache, QuantizedKVCache):
         cache = from_stored(cache)  # full-attention layers stay quantized in memory: nothing is expanded
+    cache = _arranged(meta, cache)
     cache = _to_device(cache, torch.device(device))
     logits = None if last_logits is None else last_logits.to(device)
     return LoadedCache(cache=cache, meta=meta, last_logits=logits, file_bytes=size)
@@ -207,6 +220,44 @@ def _check_meta_describes(meta: CacheMeta, cache: KVCache | QuantizedKVCache) ->
     if not isinstance(cache, QuantizedKVCache) and any(
             layer.keys.dtype != meta.torch_dtype or layer.values.dtype != meta.torch_dtype for layer in cache.layers):
         raise ParameterError(f"every layer's keys and values must be {meta.dtype} to be saved in one file")
+
+
+def _arranges(meta: CacheMeta) -> bool:
+    """Whether the file's policy holds its cache its own way (``Policy.arrange``; policies not installed here
+    do not)."""
+    if meta.policy not in POLICIES:
+        return False
+    policy: type[Policy] = policy_class(meta.policy)
+    return policy.arrange is not Policy.arrange
+
+
+def _arranged(meta: CacheMeta, cache: KVCache) -> KVCache:
+    """The cache held as its policy decodes on it (``quest`` pages its layers)."""
+    if not _arranges(meta):
+        return cache
+    return make_policy(meta.policy, **meta.policy_params).arrange(cache, meta.budget_tokens)
+
+
+def _mapped_tensors(path: Path) -> tuple[dict[str, torch.Tensor], mmap.mmap]:
+    """The file's tensors as views of a private (copy-on-write) memory map: nothing is read until used, and pages
+    the kernel reclaims are read again from the file. ``safe_open`` has already checked the framing.
+
+    Why not safetensors: its ``get_tensor`` copies each tensor into process memory."""
+    with open(path, "rb") as file:
+        mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    length = int.from_bytes(mapping[:8], "little")
+    header = json.loads(mapping[8:8 + length])
+    start_of_data = 8 + length
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        start, end = info["data_offsets"]
+        count = (end - start) // dtype.itemsize
+        tensors[name] = (torch.frombuffer(mapping, dtype=dtype, count=count, offset=start_of_data + start)
+                         if count else torch.empty(0, dtype=dtype)).reshape(info["shape"])
+    return tensors, mapping
 
 
 def _to_device(cache: KVCache, device: torch.device) -> KVCache:

@@ -1,0 +1,322 @@
+"""A full-attention layer kept whole, in pages, whose decode steps read only the pages a query needs (Quest).
+
+Tang et al., 2024, "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference" (arXiv:2406.10774). The
+layer's slots are cut into pages of ``page_tokens``; each page carries a key summary, the per-channel minimum and
+maximum of its keys. For a query q the largest dot product any key of a page can reach is bounded by
+sum_d max(q_d * min_d, q_d * max_d), computed here as relu(q) . max - relu(-q) . min (two small matrix products
+over the summaries, no per-page intermediate). A decode step keeps the pages with the highest bounds within the
+read budget, always with the first pages (attention sinks) and the newest ones (the recent window), and attends
+over those pages plus the tail of slots that do not fill a page yet. Everything else stays where it is, unread:
+nothing is evicted, so a question asked later reaches every token.
+
+Storage is the layer it wraps (``base``): a plain ``LayerCache`` (possibly memory-mapped from a ``.kv`` file) or
+a ``QuantizedLayerCache``. A quantized layer's pages are its key groups, whose per-channel zero point and scale
+already are the summary (min = zero, max = zero + scale * (2**bits - 1)); only the selected groups are dequantized.
+Multi-token steps (a question, a prefill chunk) attend over every slot, as in Quest, whose sparsity is for decoding.
+
+Deviations from the reference code:
+  - Grouped-query attention: the query heads sharing a KV head read one set of pages, ranked by the largest bound
+    among them (the reference, written for multi-head attention, selects per query head).
+  - Sink and recent pages are always read and count against the budget; the reference reads the current page and
+    leaves the first ones to the ranking.
+  - The pages cover the document as it was arranged (compressed or loaded). Tokens added later (questions and
+    answers) are held apart in full precision and read at every step; the reference pages them as they come.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvlab.cache.kvcache import LayerCache
+from kvlab.cache.quantized import CODE_FIELDS, QuantizedLayerCache, dequantize_codes_into
+from kvlab.errors import ParameterError
+
+SUMMARY_DTYPE = torch.float32
+
+
+class PagedLayerCache(LayerCache):
+    """``base``'s slots in pages of ``page_tokens`` with key summaries, and the tokens added since in ``new``; a
+    decode step reads at most ``read_tokens`` slots per head of ``base`` (sinks, recent window and the part of
+    ``base`` that fills no page included) and every slot of ``new``. See the module docstring.
+
+    ``base`` is never written to (it may be memory-mapped from a file): tokens appended later (a question, an
+    answer) go to ``new``, a plain growable layer.
+    """
+
+    base: LayerCache
+    new: LayerCache
+
+    def __init__(self, base: LayerCache, *, page_tokens: int, read_tokens: int, sink_tokens: int,
+                 recent_tokens: int, new: LayerCache | None = None) -> None:
+        if base.spec.kind != "full":
+            raise ValueError("only full-attention layers are paged")
+        if isinstance(base, PagedLayerCache):
+            base = base.dense() if base.new.slots else base.base
+        if isinstance(base, QuantizedLayerCache) and base.params.group_size != page_tokens:
+            raise ParameterError(
+                f"quest pages ({page_tokens} tokens) must be the quantization groups ({base.params.group_size} "
+                f"tokens): pass --kv-quant {base.params.scheme}:g{page_tokens} or -p page_tokens="
+                f"{base.params.group_size}")
+        self.spec = base.spec
+        self.base = base
+        self.new = new if new is not None else empty_like_layer(base)
+        self.page_tokens = page_tokens
+        self.read_tokens = read_tokens
+        self.sink_tokens = sink_tokens
+        self.recent_tokens = recent_tokens
+        self.page_min, self.page_max = page_summaries(base, page_tokens)
+
+    # -- the wrapped storage -----------------------------------------------------------------------------------------
+    @property
+    def quantized(self) -> bool:  # type: ignore[override]
+        return self.base.quantized
+
+    @property
+    def storage(self) -> LayerCache:
+        return self.base
+
+    def rewrap(self, base: LayerCache) -> PagedLayerCache:
+        """The same paging over other storage (the layer quantized, moved or copied)."""
+        return PagedLayerCache(base, page_tokens=self.page_tokens, read_tokens=self.read_tokens,
+                               sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens)
+
+    def map_storage(self, change) -> LayerCache:
+        return self.rewrap(change(self.base if self.new.slots == 0 else self.dense()))
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._joined(self.base.keys, self.new.keys)
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._joined(self.base.values, self.new.values)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self._joined(self.base.positions, self.new.positions)
+
+    @property
+    def slots(self) -> int:
+        return self.base.slots + self.new.slots
+
+    @property
+    def padding_free(self) -> torch.Tensor | None:
+        base, new = self.base.padding_free, self.new.padding_free
+        if base is None and new is None:
+            return None
+        return torch.cat([self.base.valid if base is None else base, self.new.valid if new is None else new], dim=1)
+
+    @property
+    def bytes_per_slot(self) -> int:
+        return self.base.bytes_per_slot
+
+    def dense_element_size(self) -> int:
+        return self.base.dense_element_size()
+
+    def attention_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every slot (a step with several queries attends to all, as in Quest)."""
+        if not self.new.slots:
+            return self.base.attention_tensors()
+        keys, values = self.base.attention_tensors()
+        return torch.cat([keys, self.new.keys], dim=1), torch.cat([values, self.new.values], dim=1)
+
+    def storages(self) -> list[torch.Tensor]:
+        return [*self.base.storages(), *self.new.storages(), self.page_min, self.page_max]
+
+    def _joined(self, base: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        return base if not self.new.slots else torch.cat([base, new], dim=1)
+
+    # -- pages -----------------------------------------------------------------------------------------------------
+    @property
+    def pages(self) -> int:
+        return self.page_min.shape[1]
+
+    @property
+    def paged_slots(self) -> int:
+        return self.pages * self.page_tokens
+
+    def read_pages(self) -> int:
+        """Pages a decode step reads per head: the budget less the part of ``base`` that fills no page, never fewer
+        than the sink and recent pages. Tokens added since (``new``) are read on top, as a question is kept on top
+        of an eviction budget."""
+        always = self.base.slots - self.paged_slots
+        forced = self._sink_pages() + self._recent_pages()
+        budget = max(0, self.read_tokens - always) // self.page_tokens
+        return min(self.pages, max(budget, forced))
+
+    def _sink_pages(self) -> int:
+        return min(self.pages, math.ceil(self.sink_tokens / self.page_tokens))
+
+    def _recent_pages(self) -> int:
+        return min(self.pages - self._sink_pages(), math.ceil(self.recent_tokens / self.page_tokens))
+
+    # -- decode ----------------------------------------------------------------------------------------------------
+    def page_bounds(self, query: torch.Tensor) -> torch.Tensor:
+        """(kv_heads, pages): for each KV head, the largest bound over its query heads on q . k for any key of the
+        page; ``query`` (query_heads, head_dim)."""
+        spec = self.spec
+        grouped = query.to(SUMMARY_DTYPE).reshape(spec.kv_heads, spec.group_size, spec.head_dim)
+        bounds = (grouped.clamp(min=0) @ self.page_max.transpose(1, 2)
+                  + grouped.clamp(max=0) @ self.page_min.transpose(1, 2))
+        return bounds.amax(dim=1)
+
+    def select_pages(self, query: torch.Tensor) -> torch.Tensor:
+        """(kv_heads, k) page indices, ascending: sinks, recent pages and the highest bounds, k = ``read_pages``."""
+        count = self.read_pages()
+        if count >= self.pages:
+            return torch.arange(self.pages, device=self.page_min.device).expand(self.spec.kv_heads, -1)
+        bounds = self.page_bounds(query)
+        sinks, recent = self._sink_pages(), self._recent_pages()
+        bounds[:, :sinks] = math.inf
+        if recent:
+            bounds[:, self.pages - recent:] = math.inf
+        return bounds.topk(count, dim=1, sorted=False).indices.sort(dim=1).values
+
+    def decode_tensors(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What one decode query reads: keys, values (kv_heads, n, head_dim) of the selected pages, then the slots
+        that fill no page, then the new ones; and their padding mask (kv_heads, n), or None."""
+        chosen = self.select_pages(query)
+        keys, values, mask = self._read_pages(chosen)
+        rest_keys, rest_values, rest_mask = self._unpaged()
+        parts_mask = None if mask is None and rest_mask is None else torch.cat(
+            [_ones(mask, keys), _ones(rest_mask, rest_keys)], dim=1)
+        return torch.cat([keys, rest_keys], dim=1), torch.cat([values, rest_values], dim=1), parts_mask
+
+    def _read_pages(self, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        heads, dim, size, pages = self.spec.kv_heads, self.spec.head_dim, self.page_tokens, self.pages
+        rows = torch.arange(heads, device=chosen.device)[:, None]
+        count, paged = chosen.shape[1], self.paged_slots
+        base = self.base
+        if isinstance(base, QuantizedLayerCache):
+            codes = {}
+            for name in CODE_FIELDS:
+                tensor = base.codes[name]
+                if name in ("key_scales", "key_zeros"):  # one row per group: per page
+                    codes[name] = tensor[rows, chosen]
+                else:
+                    width = tensor.shape[-1]
+                    codes[name] = tensor[:, :paged].reshape(heads, pages, size, width)[rows, chosen].reshape(
+                        heads, count * size, width)
+            keys = torch.empty((heads, count * size, dim), dtype=base.dtype, device=chosen.device)
+            values = torch.empty_like(keys)
+            dequantize_codes_into(codes, base.params, keys, values)
+            return keys, values, None  # code rows of a paged (unpruned) layer are never padding
+        keys = base.keys[:, :paged].reshape(heads, pages, size, dim)[rows, chosen].reshape(heads, -1, dim)
+        values = base.values[:, :paged].reshape(heads, pages, size, dim)[rows, chosen].reshape(heads, -1, dim)
+        padding = base.padding_free
+        mask = None if padding is None else padding[:, :paged].reshape(heads, pages, size)[rows, chosen].reshape(
+            heads, -1)
+        return keys, values, mask
+
+    def _unpaged(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The slots every decode step reads: the part of ``base`` that fills no page, and ``new``."""
+        base, paged = self.base, self.paged_slots
+        rest = base.residual if isinstance(base, QuantizedLayerCache) else base
+        start = 0 if isinstance(base, QuantizedLayerCache) else paged
+        keys = torch.cat([rest.keys[:, start:], self.new.keys], dim=1)
+        values = torch.cat([rest.values[:, start:], self.new.values], dim=1)
+        rest_mask, new_mask = rest.padding_free, self.new.padding_free
+        if rest_mask is None and new_mask is None:
+            return keys, values, None
+        mask = torch.cat([rest.valid[:, start:], self.new.valid], dim=1)
+        return keys, values, mask
+
+    def decode_read_bytes(self) -> int:
+        """Bytes one decode step reads from this layer: the summaries, the selected pages, the rest of ``base`` and
+        the new slots (each at its held size)."""
+        summaries = self.page_min.nbytes + self.page_max.nbytes
+        base = self.base
+        page_bytes = base.held_bytes / max(1, base.slots)
+        if isinstance(base, QuantizedLayerCache):
+            page_bytes = (base.held_bytes - base.residual.held_bytes) / max(1, self.paged_slots)
+        unpaged = base.held_bytes - page_bytes * self.paged_slots
+        return int(summaries + self.read_pages() * self.page_tokens * page_bytes + unpaged + self.new.held_bytes)
+
+    # -- bytes -----------------------------------------------------------------------------------------------------
+    @property
+    def held_bytes(self) -> int:
+        return self.base.held_bytes + self.new.held_bytes + self.page_min.nbytes + self.page_max.nbytes
+
+    @property
+    def live_bytes(self) -> int:
+        return self.base.live_bytes + self.new.live_bytes + self.page_min.nbytes + self.page_max.nbytes
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self.base.allocated_bytes + self.new.allocated_bytes + self.page_min.nbytes + self.page_max.nbytes
+
+    # -- growth ----------------------------------------------------------------------------------------------------
+    def reserve(self, extra_slots: int) -> None:
+        self.new.reserve(extra_slots)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        self.new.append(keys, values, positions)
+
+    def settle(self) -> None:
+        return None  # a full-attention layer drops nothing; ``base`` is never written
+
+    # -- copies ----------------------------------------------------------------------------------------------------
+    def fork(self) -> PagedLayerCache:
+        twin = object.__new__(PagedLayerCache)
+        twin.__dict__.update(self.__dict__)
+        twin.new = self.new.fork()
+        return twin
+
+    def clone(self) -> PagedLayerCache:
+        return PagedLayerCache(self.base.clone(), page_tokens=self.page_tokens, read_tokens=self.read_tokens,
+                               sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens, new=self.new.clone())
+
+    def to(self, device: torch.device | str) -> PagedLayerCache:
+        return PagedLayerCache(self.base.to(device), page_tokens=self.page_tokens, read_tokens=self.read_tokens,
+                               sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens,
+                               new=self.new.to(device))
+
+    def dense(self) -> LayerCache:
+        base = self.base.dense()
+        if not self.new.slots:
+            return base
+        return LayerCache(self.spec, self.keys, self.values, self.positions)
+
+
+def page_summaries(base: LayerCache, page_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-page, per-channel key minimum and maximum (kv_heads, pages, head_dim) over ``base``'s whole pages: a
+    quantized layer's key groups (read off their zero points and scales), or a plain layer's slots."""
+    heads, dim = base.spec.kv_heads, base.spec.head_dim
+    if isinstance(base, QuantizedLayerCache):
+        zeros = base.codes["key_zeros"].to(SUMMARY_DTYPE)
+        return zeros, zeros + base.codes["key_scales"].to(SUMMARY_DTYPE) * float((1 << base.params.bits) - 1)
+    pages = base.slots // page_tokens
+    block = base.keys[:, :pages * page_tokens].reshape(heads, pages, page_tokens, dim).to(SUMMARY_DTYPE)
+    mask = base.padding_free
+    if mask is None:
+        return block.amin(dim=2), block.amax(dim=2)
+    # padding never widens a page's range (a page of padding alone bounds nothing: -inf)
+    real = mask[:, :pages * page_tokens].reshape(heads, pages, page_tokens, 1)
+    return torch.where(real, block, math.inf).amin(dim=2), torch.where(real, block, -math.inf).amax(dim=2)
+
+
+def empty_like_layer(layer: LayerCache) -> LayerCache:
+    """A plain layer with no slots, in ``layer``'s compute dtype and device."""
+    spec, dtype = layer.spec, _compute_dtype(layer)
+    device = layer.positions.device
+    return LayerCache(spec, torch.zeros((spec.kv_heads, 0, spec.head_dim), dtype=dtype, device=device),
+                      torch.zeros((spec.kv_heads, 0, spec.head_dim), dtype=dtype, device=device),
+                      torch.zeros((spec.kv_heads, 0), dtype=torch.long, device=device))
+
+
+def _compute_dtype(layer: LayerCache) -> torch.dtype:
+    return layer.dtype if isinstance(layer, QuantizedLayerCache) else layer.keys.dtype
+
+
+def _ones(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return mask if mask is not None else torch.ones(like.shape[:2], dtype=torch.bool, device=like.device)
+
+
+def page_cache_layers(layers: list[LayerCache], *, page_tokens: int, read_tokens: int, sink_tokens: int,
+                      recent_tokens: int) -> list[LayerCache]:
+    """Every full-attention layer paged (sliding-window ones, already small, pass through)."""
+    return [PagedLayerCache(layer, page_tokens=page_tokens, read_tokens=read_tokens, sink_tokens=sink_tokens,
+                            recent_tokens=recent_tokens) if layer.spec.kind == "full" else layer
+            for layer in layers]

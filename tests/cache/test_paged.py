@@ -1,0 +1,133 @@
+"""Quest's paged layer (``cache.paged``) against computations written out here: page bounds are true upper bounds,
+the selection is sinks + recent + the highest bounds, a decode step reads exactly the selected pages' slots (plain
+and int4), and attention over them equals masked full attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvlab.cache.kvcache import PADDING_POSITION, LayerCache
+from kvlab.cache.layout import LayerSpec
+from kvlab.cache.paged import PagedLayerCache
+from kvlab.cache.quant import QuantizationParams
+from kvlab.cache.quantized import QuantizedLayerCache
+from kvlab.engine.attention import paged_decode
+from kvlab.errors import ParameterError
+
+SPEC = LayerSpec("full", 2, 6, 16)
+PAGE = 8
+
+
+def plain_layer(slots: int = 96, seed: int = 0, padding: bool = False) -> LayerCache:
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(2, slots, 16, generator=generator) * torch.linspace(0.2, 3.0, 16)  # outlier channels
+    values = torch.randn(2, slots, 16, generator=generator)
+    positions = torch.arange(slots).repeat(2, 1)
+    if padding:
+        positions[1, -5:] = PADDING_POSITION
+    return LayerCache(SPEC, keys, values, positions)
+
+
+def paged(layer: LayerCache, read_tokens: int, sinks: int = 4, recent: int = 8) -> PagedLayerCache:
+    return PagedLayerCache(layer, page_tokens=PAGE, read_tokens=read_tokens, sink_tokens=sinks, recent_tokens=recent)
+
+
+def brute_bounds(layer: LayerCache, query: torch.Tensor) -> torch.Tensor:
+    """max over a page's keys and over the group's query heads of q . k: the quantity the bound must cover."""
+    pages = layer.slots // PAGE
+    keys = layer.keys[:, :pages * PAGE].reshape(2, pages, PAGE, 16)
+    grouped = query.reshape(2, 3, 16)
+    return torch.einsum("hgd,hpsd->hgps", grouped, keys).amax(dim=(1, 3))
+
+
+def test_page_bounds_cover_every_key_and_are_tight_for_single_key_pages():
+    layer = plain_layer()
+    query = torch.randn(6, 16, generator=torch.Generator().manual_seed(1))
+    pages = paged(layer, read_tokens=32)
+    assert (pages.page_bounds(query) >= brute_bounds(layer, query) - 1e-4).all()
+    single = PagedLayerCache(layer, page_tokens=1, read_tokens=32, sink_tokens=0, recent_tokens=0)
+    exact = torch.einsum("hgd,hsd->hgs", query.reshape(2, 3, 16), layer.keys).amax(dim=1)
+    torch.testing.assert_close(single.page_bounds(query), exact)
+
+
+def test_selection_is_sinks_recent_and_the_highest_bounds_within_the_budget():
+    layer = plain_layer()  # 12 pages of 8
+    query = torch.randn(6, 16, generator=torch.Generator().manual_seed(2))
+    pages = paged(layer, read_tokens=40, sinks=4, recent=8)  # 5 pages: first, last, 3 best of the other 10
+    chosen = pages.select_pages(query)
+    assert chosen.shape == (2, 5)
+    # the reference: min/max per page written out, bounds per query head, max over the group
+    keys = layer.keys.reshape(2, 12, PAGE, 16)
+    low, high = keys.amin(dim=2), keys.amax(dim=2)
+    grouped = query.reshape(2, 3, 1, 16)
+    bounds = torch.maximum(grouped * low[:, None], grouped * high[:, None]).sum(-1).amax(dim=1)
+    for head in range(2):
+        middle = bounds[head, 1:11].topk(3).indices + 1
+        assert chosen[head].tolist() == sorted([0, 11, *middle.tolist()])
+
+
+def test_a_budget_covering_the_layer_reads_every_slot_in_order():
+    layer = plain_layer(slots=100)  # 12 whole pages and 4 slots that fill none
+    pages = paged(layer, read_tokens=100)
+    keys, values, mask = pages.decode_tensors(torch.randn(6, 16))
+    assert torch.equal(keys, layer.keys) and torch.equal(values, layer.values) and mask is None
+
+
+def test_decode_attention_equals_masked_full_attention_over_the_selected_pages():
+    layer = plain_layer(slots=100, padding=True)
+    pages = paged(layer, read_tokens=40)
+    pages.append(torch.randn(2, 3, 16), torch.randn(2, 3, 16), torch.tensor([100, 101, 102]))
+    query = torch.randn(1, 6, 1, 16, generator=torch.Generator().manual_seed(3))
+    chosen = pages.select_pages(query[0, :, 0])
+    allowed = torch.zeros(2, 103, dtype=torch.bool)
+    for head in range(2):
+        for page in chosen[head].tolist():
+            allowed[head, page * PAGE:(page + 1) * PAGE] = True
+    allowed[:, 96:] = True  # the slots that fill no page and the new ones are always read
+    allowed &= pages.positions != PADDING_POSITION
+    expected = F.scaled_dot_product_attention(
+        query.reshape(1, 2, 3, 16), pages.keys[None], pages.values[None], attn_mask=allowed[None, :, None, :],
+        scale=0.25).reshape(1, 6, 1, 16)
+    torch.testing.assert_close(paged_decode(query, pages, 0.25), expected)
+
+
+def test_int4_pages_dequantize_only_the_selected_groups_and_equal_the_dense_rows():
+    params = QuantizationParams("int4", group_size=PAGE, residual_tokens=8)
+    quantized = QuantizedLayerCache.from_layer(plain_layer(slots=100), params)
+    pages = paged(quantized, read_tokens=40)
+    assert pages.pages == quantized.code_slots // PAGE
+    torch.testing.assert_close(pages.page_min, quantized.codes["key_zeros"].float())
+    query = torch.randn(6, 16, generator=torch.Generator().manual_seed(4))
+    chosen = pages.select_pages(query)
+    keys, values, mask = pages.decode_tensors(query)
+    dense = quantized.dense()
+    for head in range(2):
+        rows = torch.cat([torch.arange(page * PAGE, (page + 1) * PAGE) for page in chosen[head].tolist()]
+                         + [torch.arange(quantized.code_slots, quantized.slots)])
+        torch.testing.assert_close(keys[head], dense.keys[head, rows])
+        torch.testing.assert_close(values[head], dense.values[head, rows])
+    assert mask is None
+    fewer = paged(quantized, read_tokens=24)
+    # 12 residual slots are read at every step; the sink and recent pages are read whatever the budget
+    assert fewer.read_pages() == 2 < pages.read_pages() == 3
+    assert fewer.decode_read_bytes() < pages.decode_read_bytes() < pages.held_bytes
+
+
+def test_pages_must_be_the_quantization_groups():
+    quantized = QuantizedLayerCache.from_layer(plain_layer(), QuantizationParams("int4"))
+    with pytest.raises(ParameterError, match="--kv-quant int4:g8"):
+        paged(quantized, read_tokens=32)
+
+
+def test_forks_keep_their_own_new_tokens_and_the_base_is_never_written():
+    base = plain_layer()
+    before = base.keys.clone()
+    pages = paged(base, read_tokens=32)
+    first, second = pages.fork(), pages.fork()
+    first.append(torch.ones(2, 2, 16), torch.ones(2, 2, 16), torch.tensor([96, 97]))
+    second.append(torch.zeros(2, 1, 16), torch.zeros(2, 1, 16), torch.tensor([96]))
+    assert (first.slots, second.slots, pages.slots) == (98, 97, 96)
+    assert torch.equal(first.keys[:, 96:], torch.ones(2, 2, 16)) and torch.equal(base.keys, before)
+    assert first.dense().slots == 98 and torch.equal(first.dense().positions[0, -2:], torch.tensor([96, 97]))
