@@ -88,7 +88,8 @@ FRONTIER_CAPTION = ("Each point is one grid cell (eviction policy x KV quantizat
 NEEDLE_CAPTION = ("One panel per cell: the mean needle-task score by the needle's depth in the document (rows; 0% = "
                   "its start) and the context length in tokens (columns). Viridis colours: yellow = the needle was "
                   "always found, dark purple = never; white = not measured. A dark band at some depth shows where "
-                  "the policy evicts the needle.")
+                  "the policy evicts the needle. A dashed red line marks the model's native window: lengths to "
+                  "its right were reached with context extension (--extend).")
 FIDELITY_CAPTION = ("Mean KL divergence of the next-token distributions from the full cache's (along the full "
                     "cache's answer; log scale) against the KV MiB held; colour = policy, line "
                     "style and marker = quantization, point labels = eviction ratio. Lower is closer to the full "
@@ -124,7 +125,8 @@ def write_report(out_dir: Path, rows: list[dict], meta: dict) -> dict:
     figures = [Section("Score vs eviction ratio", SCORE_RATIO_CAPTION, png=score_vs_ratio(summary, styles) or ""),
                Section("Budget frontier: score vs memory", FRONTIER_CAPTION,
                        png=budget_frontier(summary, styles) or ""),
-               Section("Needle retrieval by depth and length", NEEDLE_CAPTION, png=needle_heatmaps(rows) or ""),
+               Section("Needle retrieval by depth and length", NEEDLE_CAPTION,
+                       png=needle_heatmaps(rows, meta.get("native_context_tokens")) or ""),
                Section("Fidelity vs KV bytes kept", FIDELITY_CAPTION, png=fidelity_vs_bytes(summary, styles) or "")]
     atomic_write_text(out_dir / "report.html",
                       _html(header, opening, notes, tables + [figure for figure in figures if figure.png]))
@@ -318,9 +320,11 @@ def _frontier_legend(styles: PlotStyles, cells: list[dict]) -> list:
     return handles
 
 
-def needle_heatmaps(rows: list[dict]) -> str | None:
+def needle_heatmaps(rows: list[dict], native_tokens: int | None = None) -> str | None:
     """One panel per cell (policy @ ratio, quantization), wrapped into rows of ``HEATMAP_COLUMNS``: mean needle
-    score by depth (rows) and context length (columns), viridis from 0 to 1, unmeasured cells white."""
+    score by depth (rows) and context length (columns), viridis from 0 to 1, unmeasured cells white. Where some
+    lengths pass the model's native window (``native_tokens``; reached with ``--extend``), a dashed red line
+    separates them from the lengths within it."""
     needle_rows = [row for row in rows if row["task"].startswith(NEEDLE_TASK_PREFIX) and row["depth"] is not None]
     if not needle_rows:
         return None
@@ -352,6 +356,10 @@ def needle_heatmaps(rows: list[dict]) -> str | None:
         axis.set_title(" ".join(title) if len(" ".join(title)) <= 14 else "\n".join(title), fontsize=8)
         axis.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7, rotation=90)
         axis.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
+        within = sum(length <= native_tokens for length in lengths) if native_tokens else len(lengths)
+        if 0 < within < len(lengths):
+            axis.axvline(within - 0.5, color="red", linestyle="--", linewidth=1.2)
+            axis.text(within - 0.45, -0.6, "window", color="red", fontsize=6, va="bottom")
         if index % columns == 0:
             axis.set_ylabel("needle depth", fontsize=8)
     figure.supxlabel("context tokens", fontsize=8)

@@ -528,7 +528,7 @@ def peak_rss_mib() -> float:
 
 def run_info_for(engine: Engine) -> dict:
     return {"model": engine.loaded.name, "model_fingerprint": engine.loaded.fingerprint,
-            "weights": engine.loaded.weights}
+            "weights": engine.loaded.weights, "native_context_tokens": engine.loaded.native_context_tokens}
 
 
 __all__ = ["MODES", "BenchProgress", "Cell", "GridSettings", "SampleJob", "grid", "observation_request", "plan_jobs",
