@@ -91,7 +91,7 @@ class BenchWorker:
     def __init__(self, request, cpus: float, gpus: float) -> None:
         import torch
 
-        from kvlab.bench.runner import grid, observation_request
+        from kvlab.bench.runner import observation_request
         from kvlab.engine import Engine
         from kvlab.models import load_model
 
@@ -102,7 +102,7 @@ class BenchWorker:
         self.loaded = load_model(request.model, device=device, dtype=request.dtype, weights=request.weights,
                                  progress=False, extension=request.extension)
         self.engine = Engine(self.loaded, chunk_tokens=request.chunk_tokens)
-        self.cells = grid(list(request.policies), list(request.ratios), list(request.quantizations))
+        self.cells = request.cells()  # the driver's grid, cell for cell (session.BenchRequest.cells)
         self.observations = observation_request(self.cells)
 
     def describe(self) -> dict:

@@ -24,6 +24,7 @@ from kvlab.bench.summary import (
     ERROR_BARS,
     FAMILY_CAPTION,
     NOISE_RULE,
+    STREAM_CAPTION,
     TASK_TYPE_CAPTION,
     best_cell_table,
     best_per_budget,
@@ -41,6 +42,7 @@ from kvlab.bench.summary import (
     per_turn,
     run_header,
     score_table,
+    stream_table,
     summarize,
     task_table,
     turn_table,
@@ -145,7 +147,8 @@ def table_sections(summary: list[dict], turns: list[dict], rows: list[dict]) -> 
                         table=best_per_family_table(summary)),
                 Section("Best cell per budget and task type", TASK_TYPE_CAPTION,
                         table=best_per_task_type_table(rows)),
-                Section("Latency and memory", LATENCY_CAPTION, table=latency_table(summary))]
+                Section("Latency and memory", LATENCY_CAPTION, table=latency_table(summary)),
+                Section("Streamed prefill under a KV memory limit", STREAM_CAPTION, table=stream_table(rows))]
     return [section for section in sections if section.table]
 
 

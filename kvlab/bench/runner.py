@@ -26,6 +26,15 @@ only in a query-aware run). A query-agnostic method shortens a sample's context 
 question, in multi-request mode too (its cache is then kept in memory, not written to a file). Multi-turn mode has
 no place for them: the context would have to be chosen before the follow-ups are known.
 
+Streamed cells (``--max-kv-memory``): a KV cell may also run under a limit on the KV memory held while reading the
+document. Its document is prefilled chunk by chunk and compressed to the cell's budget as it goes
+(``engine.streaming``, chunk from ``store.documents.streaming_chunk``; once per sample, shared by its questions and
+quantizations), then the question is fed and answered as in the cell without the limit. Where the sample's full cache
+fits the limit it is not streamed (``kvlab compress`` would prefill it whole too): the row says ``streamed: false`` and
+reuses the plain cell's cache and answer. The limit is part of the cell's label (``snapkv stream≤64MiB``), so
+summaries and resume keep the two apart; rows add ``max_kv_memory`` (bytes), ``streamed``, ``peak_kv_bytes`` (the KV
+held at most while reading), ``stream_chunk_tokens`` and ``stream_compressions``. Query-agnostic only.
+
 Rows are appended to ``results.jsonl`` as each cell finishes, so an interrupted run leaves whole rows and a
 rerun with the same output folder skips what is done.
 """
@@ -37,7 +46,7 @@ import resource
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -46,12 +55,13 @@ from tqdm.auto import tqdm
 from kvlab.bench.fidelity import mean_kl_divergence, teacher_forced_log_probs
 from kvlab.bench.results import ResultsFile, cell_key
 from kvlab.bench.scoring import score
+from kvlab.bench.summary import stream_label
 from kvlab.bench.tasks.base import Sample
 from kvlab.cache.kvcache import KVCache
 from kvlab.cache.observations import ObservationRequest
 from kvlab.cache.quant import parse_quantization, quantize_cache
 from kvlab.cache.quantized import quantize_in_memory
-from kvlab.engine import Engine, SamplingConfig, context_kept_tokens, memory_figures
+from kvlab.engine import Engine, SamplingConfig, context_kept_tokens, memory_figures, resolve_budget
 from kvlab.engine.conversation import CompressionRule, Conversation
 from kvlab.engine.prefill import PrefillResult
 from kvlab.errors import ParameterError, UnknownPolicyError
@@ -67,11 +77,13 @@ MODES = ("single", "multi-request", "multi-turn")
 @dataclass(frozen=True)
 class Cell:
     """One grid cell: a policy (or an input method) with its parameters, an eviction ratio (0 for ``full``), and a
-    KV quantization the cache is held in while decoding (``--kv-quant``; None: the model's dtype)."""
+    KV quantization the cache is held in while decoding (``--kv-quant``; None: the model's dtype), and a limit on
+    the KV bytes held while reading the document (``--max-kv-memory``; None: prefill whole, then compress)."""
 
     policy: Policy | InputMethod
     ratio: float
     quantization: str | None = None
+    max_kv_bytes: int | None = None
 
     @property
     def is_reference(self) -> bool:
@@ -89,23 +101,34 @@ class Cell:
         defaults = type(self.policy)()
         changed = [f"{key}={value}" for key, value in self.policy.params().items()
                    if getattr(defaults, key) != value]
-        return ":".join([self.policy.name, *changed])
+        label = ":".join([self.policy.name, *changed])
+        return label if self.max_kv_bytes is None else f"{label} {stream_label(self.max_kv_bytes)}"
 
 
-def grid(policy_names: list[str], ratios: list[float], quantizations: Sequence[str | None] = (None,)) -> list[Cell]:
-    """The cells of a sweep: ``full`` once per quantization (ratio 0), every other policy at every ratio."""
+def grid(policy_names: list[str], ratios: list[float], quantizations: Sequence[str | None] = (None,),
+         max_kv_bytes: Sequence[int] = ()) -> list[Cell]:
+    """The cells of a sweep: ``full`` once per quantization (ratio 0), every other policy at every ratio; each KV
+    cell of a policy that evicts is followed by its streamed variants, one per limit of ``max_kv_bytes``."""
     if not policy_names:
         raise ParameterError("give at least one policy (e.g. --policies full,snapkv)")
     for ratio in ratios:
         if not 0.0 <= ratio < 1.0:
             raise ParameterError(f"ratios must be in [0, 1): the fraction of context tokens evicted (got {ratio})")
     quantizations = [None if scheme is None else parse_quantization(scheme).label for scheme in quantizations]
+    limits = list(dict.fromkeys(max_kv_bytes))
+    if any(limit <= 0 for limit in limits):
+        raise ParameterError(f"--max-kv-memory limits must be above 0 bytes (got {limits})")
     cells = []
     for name in dict.fromkeys(policy_names):
         policy = policy_from_spec(name)
+        streams = isinstance(policy, Policy) and not policy.keeps_all_tokens
         for scheme in quantizations:
-            cells.extend([Cell(policy, 0.0, scheme)] if name == "full" else
-                         [Cell(policy, ratio, scheme) for ratio in ratios])
+            for ratio in [0.0] if name == "full" else ratios:
+                cells.append(Cell(policy, ratio, scheme))
+                cells.extend(Cell(policy, ratio, scheme, limit) for limit in limits if streams)
+    if limits and not any(cell.max_kv_bytes is not None for cell in cells):
+        raise ParameterError("--max-kv-memory streams the cells of policies that evict, and --policies has none "
+                             "(full and input methods keep or shorten the text instead); add one, e.g. snapkv")
     return cells
 
 
@@ -153,6 +176,8 @@ class _Context:
     result: PrefillResult
     suffix_ids: torch.Tensor | None
     question_index: int = 0
+    prefix_ids: torch.Tensor | None = None  # the document's prompt (query-agnostic runs): what a streamed cell reads
+    streamed: dict = field(default_factory=dict)  # streamed prefills of this sample, by (policy, budget, chunk)
 
 
 @dataclass(frozen=True)
@@ -177,6 +202,9 @@ class GridSettings:
         return {"mode": self.mode, "query_aware": self.query_aware, "seed": self.seed, **self.run_info}
 
     def check_cells(self, cells: list[Cell]) -> None:
+        if self.query_aware and any(cell.max_kv_bytes is not None for cell in cells):
+            raise ParameterError("--max-kv-memory streams the document before its question is known, so it needs a "
+                                 "query-agnostic run: drop --query-aware (or pass --no-query-aware)")
         if self.mode == "multi-turn" and any(cell.family == "input" for cell in cells):
             names = ", ".join(sorted({cell.policy.name for cell in cells if cell.family == "input"}))
             raise ParameterError(f"input methods ({names}) choose the context before it is prefilled, which "
@@ -298,15 +326,21 @@ def _prefill(engine: Engine, sample: Sample, question_index: int, request: Obser
         result = engine.prefill(torch.cat([parts.prefix_ids, parts.suffix_ids]), request)
         return _Context(sample, int(parts.prefix_ids.numel()), result, None, question_index)
     return _Context(sample, int(parts.prefix_ids.numel()), engine.prefill(parts.prefix_ids, request),
-                    parts.suffix_ids, question_index)
+                    parts.suffix_ids, question_index, parts.prefix_ids)
 
 
 def _compressed(engine: Engine, context: _Context, cell: Cell) -> tuple[KVCache, dict]:
     """A compressed (and, for quantized cells, held-quantized) copy with its cost columns; the byte columns are
-    those of ``engine.memory_figures``."""
+    those of ``engine.memory_figures``. A streamed cell whose sample does not fit its limit compresses while it
+    reads (``_stream``); one that fits is the plain cell, with the stream columns saying so."""
     assert isinstance(cell.policy, Policy)  # input cells go through ``_input_cell``
-    cache, budget, compress_s = engine.compress(context.result, cell.policy, ratio=cell.ratio,
-                                                compressible_tokens=context.context_tokens)
+    chunk = _stream_chunk(engine, context, cell)
+    if chunk is None:
+        cache, budget, compress_s = engine.compress(context.result, cell.policy, ratio=cell.ratio,
+                                                    compressible_tokens=context.context_tokens)
+        extra = _stream_columns(context, cell)
+    else:
+        cache, budget, compress_s, extra = _stream(engine, context, cell, chunk)
     if cell.quantization is not None:
         started = time.perf_counter()
         cache = quantize_in_memory(cache, parse_quantization(cell.quantization))
@@ -314,7 +348,46 @@ def _compressed(engine: Engine, context: _Context, cell: Cell) -> tuple[KVCache,
     figures = memory_figures(context.result.cache.held_bytes, cache.held_bytes, cache.kv_bytes_full_fp16)
     return cache, {"budget_tokens": budget, "compress_s": compress_s, **figures,
                    "kv_bytes_read": cache.decode_read_bytes,
-                   "kept_tokens": context_kept_tokens(cache, context.context_tokens)}
+                   "kept_tokens": context_kept_tokens(cache, context.context_tokens), **extra}
+
+
+def _stream_chunk(engine: Engine, context: _Context, cell: Cell) -> int | None:
+    """The chunk a streamed cell reads its sample's document with; None for a plain cell, or when the sample's full
+    cache fits the limit (it is then prefilled whole, as ``kvlab compress --max-kv-memory`` does)."""
+    from kvlab.store.documents import streaming_chunk
+
+    if cell.max_kv_bytes is None:
+        return None
+    assert isinstance(cell.policy, Policy)
+    budget = resolve_budget(cell.ratio, None, context.context_tokens)
+    return streaming_chunk(engine, cell.policy, context.context_tokens, budget, cell.max_kv_bytes)
+
+
+def _stream_columns(context: _Context, cell: Cell, chunk: int | None = None, peak_kv_bytes: int | None = None,
+                    compressions: int = 0) -> dict:
+    """The row columns of a streamed cell (none for a plain cell); not streamed, the peak is the full prefill's."""
+    if cell.max_kv_bytes is None:
+        return {}
+    peak = context.result.cache.held_bytes if peak_kv_bytes is None else peak_kv_bytes
+    return {"max_kv_memory": cell.max_kv_bytes, "streamed": chunk is not None, "peak_kv_bytes": peak,
+            "stream_chunk_tokens": chunk, "stream_compressions": compressions}
+
+
+def _stream(engine: Engine, context: _Context, cell: Cell, chunk: int) -> tuple[KVCache, int, float, dict]:
+    """A copy of the sample's document streamed under ``cell``'s limit (prefilled once per policy, budget and chunk,
+    whatever the question or quantization): (cache, budget tokens, compress seconds, extra row columns, with
+    ``prefill_s`` the streamed prefill's own seconds net of compression)."""
+    from kvlab.engine.streaming import streaming_prefill
+
+    assert isinstance(cell.policy, Policy) and context.prefix_ids is not None
+    budget = resolve_budget(cell.ratio, None, context.context_tokens)
+    key = (cell.policy, budget, chunk)
+    if key not in context.streamed:
+        context.streamed[key] = streaming_prefill(engine, context.prefix_ids, cell.policy, budget, chunk_tokens=chunk)
+    streamed = context.streamed[key]
+    extra = {**_stream_columns(context, cell, chunk, streamed.peak_kv_bytes, streamed.compressions),
+             "prefill_s": streamed.seconds - streamed.compress_s}
+    return streamed.cache.fork(), budget, streamed.compress_s, extra
 
 
 @dataclass
@@ -411,30 +484,43 @@ def _single(engine, sample, cells, wanted, request, query_aware, force, outcome)
         ordered = _ordered(cells)
         # the reference answers first; cells nobody asked for (already done) are skipped
         ordered = ordered[:1] + [cell for cell in ordered[1:] if (index, cell) in wanted]
-        prepared = []
+        prepared = []  # distinct caches: (cache, first logits, seconds feeding the question)
+        answering = []  # (cell, its cache's index in prepared, its costs)
+        made: dict[Cell, tuple[int, dict]] = {}  # a streamed cell whose sample fits its limit is its plain cell
         for cell in ordered:
             if cell.family == "input":
-                prepared.append((cell, *_input_cell(engine, context, index, cell, query_aware, memo)))
-                continue
-            cache, costs = _compressed(engine, context, cell)
-            question_started = time.perf_counter()
-            first_logits = context.result.last_logits if suffix is None else engine.feed(cache, suffix)
-            prepared.append((cell, cache, costs, first_logits, time.perf_counter() - question_started))
-        # every cell answers in one shared decode loop: each step reads the weights once for all of them
-        generations = engine.decode_rows([item[1].fork() for item in prepared], [item[3] for item in prepared],
+                cache, costs, first_logits, question_s = _input_cell(engine, context, index, cell, query_aware, memo)
+            else:
+                plain = cell if _stream_chunk(engine, context, cell) else replace(cell, max_kv_bytes=None)
+                if plain in made:
+                    number, plain_costs = made[plain]
+                    answering.append((cell, number, {**plain_costs, **_stream_columns(context, cell)}))
+                    continue
+                cache, costs = _compressed(engine, context, cell)
+                made[plain] = (len(prepared), costs)
+                question_started = time.perf_counter()
+                first_logits = context.result.last_logits if suffix is None else engine.feed(cache, suffix)
+                question_s = time.perf_counter() - question_started
+            answering.append((cell, len(prepared), costs))
+            prepared.append((cache, first_logits, question_s))
+        # every cache answers in one shared decode loop: each step reads the weights once for all of them
+        generations = engine.decode_rows([item[0].fork() for item in prepared], [item[1] for item in prepared],
                                          max_new_tokens=sample.max_new_tokens, sampling=GREEDY)
-        reference_ids = reference_log_probs = None
-        for (cell, cache, costs, first_logits, question_s), generation in zip(prepared, generations):
+        answers = []  # per prepared cache: (generation, produced ids, teacher-forced log-probs)
+        for (cache, first_logits, _), generation in zip(prepared, generations):
             produced = generation.token_ids + ([generation.stop_token] if generation.stop_token is not None else [])
-            log_probs = teacher_forced_log_probs(engine.model, cache, first_logits, reference_ids or produced)
-            if reference_ids is None:
-                reference_ids, reference_log_probs = produced, log_probs
+            reference_ids = answers[0][1] if answers else produced  # the reference (full) answers first
+            answers.append((generation, produced, teacher_forced_log_probs(engine.model, cache, first_logits,
+                                                                           reference_ids)))
+        reference_ids, reference_log_probs = answers[0][1], answers[0][2]
+        for cell, number, costs in answering:
             if (index, cell) not in wanted:
                 continue
+            generation, produced, log_probs = answers[number]
             prediction = engine.tokenizer.decode(generation.token_ids, skip_special_tokens=True).strip()
-            yield _row(context, index, cell, prediction, costs, question_s=question_s, decode_s=generation.seconds,
-                       decode_tokens=len(generation.token_ids), decode_rows=len(prepared),
-                       matches_full=produced == reference_ids,
+            yield _row(context, index, cell, prediction, costs, question_s=prepared[number][2],
+                       decode_s=generation.seconds, decode_tokens=len(generation.token_ids),
+                       decode_rows=len(prepared), matches_full=produced == reference_ids,
                        kl_vs_full=mean_kl_divergence(reference_log_probs, log_probs))
 
 

@@ -11,7 +11,7 @@ from kvlab.bench.formats import load_data
 from kvlab.bench.presets import PRESETS, get_preset
 from kvlab.bench.report import write_report
 from kvlab.bench.results import ResultsFile
-from kvlab.bench.runner import BenchProgress, GridSettings, grid, run_grid, run_info_for
+from kvlab.bench.runner import BenchProgress, Cell, GridSettings, grid, run_grid, run_info_for
 from kvlab.errors import KvlabError, ParameterError
 from kvlab.fileio import atomic_write_text
 from kvlab.models.extension import extension_label
@@ -42,6 +42,7 @@ class BenchRequest:
     chunk_tokens: int = 4096
     force: bool = False
     extension: str | None = None  # --extend (models.extension): part of the fingerprint, so of the results folder
+    max_kv_memory: tuple[int, ...] = ()  # --max-kv-memory limits (bytes): each adds a streamed variant of KV cells
 
     @classmethod
     def from_cli(cls, args) -> BenchRequest:
@@ -62,7 +63,20 @@ class BenchRequest:
             if args.query_aware is None else args.query_aware,
             mode=args.mode, quantizations=_quantizations(args.quantize), data_file=args.data,
             haystack_dir=args.haystack_dir, seed=args.seed, device=args.device, dtype=args.dtype, weights=args.weights,
-            chunk_tokens=args.chunk_tokens, force=args.force, extension=extension_label(getattr(args, "extend", None)))
+            chunk_tokens=args.chunk_tokens, force=args.force, extension=extension_label(getattr(args, "extend", None)),
+            max_kv_memory=_limits(getattr(args, "max_kv_memory", None)))
+
+    def cells(self) -> list[Cell]:
+        """The run's grid, built the same way by the driver and by every Ray worker (jobs name cells by index)."""
+        return grid(list(self.policies), list(self.ratios), list(self.quantizations), list(self.max_kv_memory))
+
+
+def _limits(text: str | None) -> tuple[int, ...]:
+    """``--max-kv-memory 64MiB,256MiB`` → bytes, each with a unit (``store.store.parse_size``)."""
+    from kvlab.store.store import parse_size
+
+    return () if not text else tuple(parse_size(item, require_unit=True)
+                                     for item in _parse_list(text, str, "--max-kv-memory"))
 
 
 def _quantizations(text: str | None) -> tuple[str | None, ...]:
@@ -112,7 +126,8 @@ def run_bench(request: BenchRequest, *, progress: bool = True, loaded=None, ray=
     """Run (or resume) the grid of ``request`` into ``request.out_dir``; ``loaded`` reuses a loaded model;
     ``ray`` (``distributed.RayOptions``) runs the samples on Ray workers instead of in this process
     (``on_sample`` is then called after each finished sample)."""
-    cells = grid(list(request.policies), list(request.ratios), list(request.quantizations))  # fails before loading
+    cells = request.cells()  # fails before loading
+    GridSettings(request.mode, request.query_aware, request.seed, request.force).check_cells(cells)
     out_dir = Path(request.out_dir)
     results = ResultsFile(out_dir / "results.jsonl")
     started = time.time()
@@ -151,7 +166,8 @@ def run_bench(request: BenchRequest, *, progress: bool = True, loaded=None, ray=
             "quantizations": [q or "none" for q in request.quantizations],
             "tasks": [request.data_file] if request.data_file else list(request.tasks),
             "lengths": list(request.lengths), "samples": request.samples, "policies": list(request.policies),
-            "ratios": list(request.ratios), "prefills": state["prefills"], "rows": len(results.rows),
+            "ratios": list(request.ratios), "max_kv_memory": list(request.max_kv_memory),
+            "prefills": state["prefills"], "rows": len(results.rows),
             "wall_s": round(state["wall_s"], 1), "weights_fidelity_vs_fp": meta_fidelity,
             "cells_per_prefill": round(len(results.rows) / max(1, state["prefills"]), 2)}
     paths = write_report(out_dir, _rows_of(results.rows, request), meta)

@@ -78,8 +78,26 @@ def overall(summary: list[dict]) -> list[dict]:
 
 
 def cell_label(row: dict) -> str:
-    label = row["policy"] if row["policy"] == "full" else f"{row['policy']} @ {row['ratio']:g}"
-    return f"{label} {row['quantization']}" if row.get("quantization") else label
+    """``snapkv @ 0.5``, ``snapkv @ 0.5 int4``, ``snapkv @ 0.5 stream≤64MiB`` (a streamed cell's policy column ends
+    with its limit, see ``stream_label``; the label names it last)."""
+    policy, mark, limit = row["policy"].partition(STREAM_MARK)
+    label = policy if policy == "full" else f"{policy} @ {row['ratio']:g}"
+    label = f"{label} {row['quantization']}" if row.get("quantization") else label
+    return f"{label}{mark}{limit}"
+
+
+STREAM_MARK = " stream≤"  # ends the policy column of a --max-kv-memory cell: "snapkv stream≤64MiB"
+_SIZE_UNITS = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10),
+               ("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3))
+
+
+def stream_label(max_kv_bytes: int) -> str:
+    """``stream≤64MiB``: the suffix of a streamed cell's policy column, with the limit exact (the largest unit that
+    divides it, else bytes), so two limits never share a label."""
+    for unit, size in _SIZE_UNITS:
+        if max_kv_bytes % size == 0:
+            return f"{STREAM_MARK.strip()}{max_kv_bytes // size}{unit}"
+    return f"{STREAM_MARK.strip()}{max_kv_bytes}B"
 
 
 def _number(value, digits: int) -> str:
@@ -438,6 +456,42 @@ def latency_table(summary: list[dict]) -> str:
                      f"| {_number(_mib(row.get('kv_bytes_full_fp16')), 2)} | {_times(row.get('compression'))} |"
                      + (f" {_saved(row, full_prefill)} |" if inputs else ""))
     return "\n".join(lines)
+
+
+STREAM_CAPTION = ("One row per --max-kv-memory cell: the document was prefilled chunk by chunk under that limit and "
+                  "compressed to the cell's budget as it went (kvlab compress --max-kv-memory), then the question was "
+                  "asked as in the other cells. Streamed: the answers whose full cache exceeded the limit; the others "
+                  "fit it, were prefilled whole and are the same as the cell without the limit. Peak KV: the most KV "
+                  "bytes held while reading the document (streamed answers; the question and answer come on top). "
+                  "After full prefill: the same policy, ratio and quantization compressed after a full prefill, on "
+                  "the same questions.")
+
+
+def stream_table(rows: list[dict]) -> str:
+    """The streamed cells (rows with ``max_kv_memory``) against the same cell compressed after a full prefill;
+    empty without them."""
+    cells: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        cells[(row["policy"], row["ratio"], row.get("quantization"))].append(row)
+    lines = ["| cell | streamed | chunk tok | peak KV MiB while reading | full cache MiB | score "
+             "| after full prefill |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for (policy, ratio, quantization), members in sorted(cells.items(), key=lambda item: str(item[0])):
+        if members[0].get("max_kv_memory") is None:
+            continue
+        streamed = [row for row in members if row.get("streamed")]
+        peak = max((row["peak_kv_bytes"] for row in streamed), default=None)
+        chunks = sorted({row["stream_chunk_tokens"] for row in streamed})
+        base = {(row["sample_id"], row["question_index"]): row["score"]
+                for row in cells.get((policy.partition(STREAM_MARK)[0], ratio, quantization), [])}
+        shared = [base[key] for key in ((row["sample_id"], row["question_index"]) for row in members) if key in base]
+        score, stderr = mean_and_stderr([row["score"] for row in members])
+        after = f"{mean_and_stderr(shared)[0]:.3f} (n={len(shared)})" if shared else "-"
+        full = sum(row["kv_bytes_full"] for row in members) / len(members)
+        lines.append(f"| {cell_label(members[0])} | {len(streamed)} of {len(members)} "
+                     f"| {', '.join(map(str, chunks)) or '-'} | {_number(_mib(peak), 2)} | {_mib(full):.2f} "
+                     f"| {score:.3f} ± {stderr:.3f} | {after} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def _saved(row: dict, full_prefill: float | None) -> str:

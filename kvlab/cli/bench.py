@@ -40,6 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(KIVI; the cache is held quantized while decoding, e.g. snapkv@0.5 + int4); "
                              "SCHEME:gN sets the group size, SCHEME:rN the full-precision recent tokens "
                              "(e.g. int4:r0)")
+    parser.add_argument("--max-kv-memory", default=None, metavar="SIZE[,SIZE...]",
+                        help="comma-separated limits on the KV memory held while reading a document (with a unit, "
+                             "e.g. 64MiB,256MiB): each adds a variant of every cell of an evicting policy whose "
+                             "document is prefilled chunk by chunk and compressed as it goes, as `kvlab compress "
+                             "--max-kv-memory` does (query-agnostic runs only)")
     parser.add_argument("--haystack-dir", default=None, help="folder of .txt files to use as haystack prose")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task generators (default: 0)")
     parser.add_argument("--chunk-tokens", type=int, default=4096, help="prefill chunk size in tokens (default: 4096)")
