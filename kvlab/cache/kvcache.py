@@ -167,6 +167,28 @@ class LayerCache:
             buffer.valid[:, self._end:end] = True
         buffer.used = self._end = end
 
+    def refill(self, other: LayerCache) -> bool:
+        """Replace this layer's slots by ``other``'s, written into this layer's own buffer when it has room: no
+        allocation, so a loop that compresses and grows a cache again and again (streaming prefill) reuses one
+        buffer instead of leaving the heap a freed buffer per round. Returns False, changing nothing, when the buffer
+        is too small or ``other`` is another kind of layer. Only for a layer no fork shares: forks would see it."""
+        buffer, count = self._buffer, other.slots
+        if type(other) is not LayerCache or type(self) is not LayerCache or count > buffer.capacity:
+            return False
+        buffer.keys[:, :count] = other.keys
+        buffer.values[:, :count] = other.values
+        buffer.positions[:, :count] = other.positions
+        padding_free = other.padding_free
+        if padding_free is None:
+            buffer.valid = None
+        else:
+            if buffer.valid is None:
+                buffer.valid = torch.ones(buffer.positions.shape, dtype=torch.bool, device=buffer.positions.device)
+            buffer.valid[:, :count] = padding_free
+        buffer.used = self._end = count
+        self._start = 0
+        return True
+
     def settle(self) -> None:
         """After a forward pass: a sliding-window layer keeps only its last ``window - 1`` slots (no copy; full
         layers: no-op)."""

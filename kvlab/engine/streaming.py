@@ -48,6 +48,17 @@ class StreamedPrefill:
     compressions: int
 
 
+@torch.inference_mode()  # the buffers were made by forward passes, as inference tensors
+def _reuse_buffers(working: KVCache, compressed: KVCache) -> KVCache:
+    """``compressed``, with each full-attention layer written back into ``working``'s buffer for that layer (which
+    has room for the budget plus a chunk after the first rounds): the next chunk appends without reallocating, and
+    the compressed copies are freed at once. ``working`` is streaming's own cache, never forked."""
+    layers = []
+    for old, new in zip(working.layers, compressed.layers):
+        layers.append(old if new is not old and new.spec.kind == "full" and old.refill(new) else new)
+    return KVCache(layers=layers, num_tokens=compressed.num_tokens)
+
+
 def release_freed_memory() -> None:
     """Give freed heap memory back to the system (glibc's ``malloc_trim``; a no-op elsewhere).
 
@@ -103,8 +114,9 @@ def streaming_prefill(engine: Engine, token_ids: torch.Tensor, policy: Policy, b
         if rule.over_budget(cache):
             observations = recorder.finish(None) if recorder is not None else Observations()
             began = time.perf_counter()
-            cache, _ = rule.apply(cache, observations, protected_from=cache.num_tokens)  # the chunk is not spared
+            compressed, _ = rule.apply(cache, observations, protected_from=cache.num_tokens)  # the chunk is not spared
             del observations, recorder
+            cache = _reuse_buffers(cache, compressed)
             release_freed_memory()
             compress_s += time.perf_counter() - began
             compressions += 1

@@ -52,3 +52,19 @@ def test_sliding_layers_drop_old_slots_without_copying():
         assert layer.slots <= 3
     assert layer.positions.tolist() == [[9, 10, 11]]
     assert layer.keys[0, :, 0].tolist() == [9.0, 10.0, 11.0]
+
+
+def test_refill_writes_into_the_layers_own_buffer_and_then_appends_in_place():
+    layer = layer_of(3)
+    for position in range(3, 10):
+        append(layer, position, float(position))
+    storage = layer.keys.untyped_storage().data_ptr()
+    ragged = LayerCache(SPEC, torch.ones(2, 4, 4), -torch.ones(2, 4, 4), torch.tensor([[0, 2, 5, 7], [1, 4, 6, -1]]))
+    assert layer.refill(ragged)
+    assert layer.keys.untyped_storage().data_ptr() == storage
+    assert torch.equal(layer.keys, ragged.keys) and torch.equal(layer.positions, ragged.positions)
+    assert layer.padding_free is not None and layer.padding_free.tolist() == [[True] * 4, [True] * 3 + [False]]
+    append(layer, 10, 5.0)
+    assert layer.keys.untyped_storage().data_ptr() == storage and layer.slots == 5
+    assert layer.positions[1].tolist() == [1, 4, 6, -1, 10] and bool(layer.padding_free[1, 4])
+    assert not layer_of(2).refill(layer_of(40))  # no room: nothing changes
