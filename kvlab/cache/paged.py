@@ -49,7 +49,7 @@ class PagedLayerCache(LayerCache):
     new: LayerCache
 
     def __init__(self, base: LayerCache, *, page_tokens: int, read_tokens: int, sink_tokens: int,
-                 recent_tokens: int, new: LayerCache | None = None) -> None:
+                 recent_tokens: int, question_share: float = 0.0, new: LayerCache | None = None) -> None:
         if base.spec.kind != "full":
             raise ValueError("only full-attention layers are paged")
         if isinstance(base, PagedLayerCache):
@@ -66,6 +66,8 @@ class PagedLayerCache(LayerCache):
         self.read_tokens = read_tokens
         self.sink_tokens = sink_tokens
         self.recent_tokens = recent_tokens
+        self.question_share = question_share
+        self.question_pages: torch.Tensor | None = None  # (kv_heads, m): pages the last question attended most
         self.page_min, self.page_max = page_summaries(base, page_tokens)
 
     # -- the wrapped storage -----------------------------------------------------------------------------------------
@@ -80,7 +82,8 @@ class PagedLayerCache(LayerCache):
     def rewrap(self, base: LayerCache) -> PagedLayerCache:
         """The same paging over other storage (the layer quantized, moved or copied)."""
         return PagedLayerCache(base, page_tokens=self.page_tokens, read_tokens=self.read_tokens,
-                               sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens)
+                               sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens,
+                               question_share=self.question_share)
 
     def map_storage(self, change) -> LayerCache:
         return self.rewrap(change(self.base if self.new.slots == 0 else self.dense()))
@@ -172,7 +175,30 @@ class PagedLayerCache(LayerCache):
         bounds[:, :sinks] = math.inf
         if recent:
             bounds[:, self.pages - recent:] = math.inf
+        if self.question_pages is not None:
+            bounds.scatter_(1, self.question_pages, math.inf)
         return bounds.topk(count, dim=1, sorted=False).indices.sort(dim=1).values
+
+    def observe_question(self, queries: torch.Tensor, scale: float) -> None:
+        """Remember the pages the newest question attends to most, read at every following decode step as the
+        sink and recent pages are: ``question_share`` of the per-step budget. ``queries`` (query_heads, w, head_dim)
+        are the question's last rotated queries; their softmax attention over the paged slots is summed per page
+        over the queries and the query heads sharing each KV head. A no-op when ``question_share`` is 0 (Quest as
+        published)."""
+        free = self.read_pages() - self._sink_pages() - self._recent_pages()
+        wanted = min(free, int(self.question_share * self.read_pages()))
+        if wanted <= 0 or not self.pages:
+            self.question_pages = None
+            return
+        spec, paged = self.spec, self.paged_slots
+        keys = self.base.attention_tensors()[0][:, :paged]
+        grouped = queries.reshape(spec.kv_heads, spec.group_size * queries.shape[1], spec.head_dim)
+        weights = torch.softmax((grouped.float() @ keys.float().transpose(1, 2)) * scale, dim=-1)
+        padding = self.base.padding_free
+        if padding is not None:
+            weights = weights * padding[:, None, :paged]
+        mass = weights.sum(dim=1).reshape(spec.kv_heads, self.pages, self.page_tokens).sum(dim=-1)
+        self.question_pages = mass.topk(wanted, dim=1).indices
 
     def decode_tensors(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """What one decode query reads: keys, values (kv_heads, n, head_dim) of the selected pages, then the slots
@@ -265,13 +291,18 @@ class PagedLayerCache(LayerCache):
         return twin
 
     def clone(self) -> PagedLayerCache:
-        return PagedLayerCache(self.base.clone(), page_tokens=self.page_tokens, read_tokens=self.read_tokens,
-                               sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens, new=self.new.clone())
+        twin = PagedLayerCache(self.base.clone(), page_tokens=self.page_tokens, read_tokens=self.read_tokens,
+                               sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens,
+                               question_share=self.question_share, new=self.new.clone())
+        twin.question_pages = self.question_pages
+        return twin
 
     def to(self, device: torch.device | str) -> PagedLayerCache:
-        return PagedLayerCache(self.base.to(device), page_tokens=self.page_tokens, read_tokens=self.read_tokens,
+        twin = PagedLayerCache(self.base.to(device), page_tokens=self.page_tokens, read_tokens=self.read_tokens,
                                sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens,
-                               new=self.new.to(device))
+                               question_share=self.question_share, new=self.new.to(device))
+        twin.question_pages = None if self.question_pages is None else self.question_pages.to(device)
+        return twin
 
     def dense(self) -> LayerCache:
         base = self.base.dense()
@@ -315,8 +346,8 @@ def _ones(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 
 def page_cache_layers(layers: list[LayerCache], *, page_tokens: int, read_tokens: int, sink_tokens: int,
-                      recent_tokens: int) -> list[LayerCache]:
+                      recent_tokens: int, question_share: float = 0.0) -> list[LayerCache]:
     """Every full-attention layer paged (sliding-window ones, already small, pass through)."""
     return [PagedLayerCache(layer, page_tokens=page_tokens, read_tokens=read_tokens, sink_tokens=sink_tokens,
-                            recent_tokens=recent_tokens) if layer.spec.kind == "full" else layer
-            for layer in layers]
+                            recent_tokens=recent_tokens, question_share=question_share)
+            if layer.spec.kind == "full" else layer for layer in layers]

@@ -8,6 +8,7 @@ import torch
 
 from kvlab.cache.hf import HFCacheView, cache_argument
 from kvlab.cache.kvcache import KVCache
+from kvlab.cache.paged import PagedLayerCache
 from kvlab.engine.attention import STEP_KEYWORD, Observer, Step, install
 from kvlab.engine.fastpath import FastDecoder
 from kvlab.models.extension import SelfExtend, extension_of
@@ -41,6 +42,8 @@ class ModelRunner:
             self.cache.num_tokens += 1
             self.cache.settle()
             return logits[None] if logits_to_keep else None
+        if count > 1:
+            observer = question_observer(self.cache, observer)
         self.view.begin(positions)
         output = self.model(
             input_ids=token_ids.to(self.device).reshape(1, -1), position_ids=positions[None], use_cache=True,
@@ -57,6 +60,26 @@ class ModelRunner:
         logits = self.feed(torch.tensor([token], dtype=torch.long))
         assert logits is not None  # logits_to_keep is 1
         return logits[-1]
+
+
+QUESTION_WINDOW = 32  # a question's last queries that choose the pages a paged layer reads while answering
+
+
+def question_observer(cache: KVCache, observer: Observer | None) -> Observer | None:
+    """``observer``, plus handing each paged layer (``cache.paged``, ``quest``) the last queries of the tokens fed
+    (a question) so that it can read the pages they attend to while the answer is decoded; ``observer`` itself
+    where no layer is paged."""
+    if not any(isinstance(layer, PagedLayerCache) for layer in cache.layers):
+        return observer
+
+    def observe(index, spec, queries, keys, slot_positions, query_positions, scale) -> None:
+        if observer is not None:
+            observer(index, spec, queries, keys, slot_positions, query_positions, scale)
+        layer = cache.layers[index]
+        if isinstance(layer, PagedLayerCache):
+            layer.observe_question(queries[:, -QUESTION_WINDOW:], scale)
+
+    return observe
 
 
 def feed_rows(runners: list[ModelRunner], tokens: list[int]) -> list[torch.Tensor]:

@@ -34,6 +34,10 @@ class Quest(Policy):
     sink_tokens: int = param(4, "first tokens whose pages every step reads (attention sinks)", unit="tokens",
                              minimum=0)
     recent_tokens: int = param(32, "newest tokens whose pages every step reads", unit="tokens", minimum=0)
+    dense_layers: int = param(2, "first layers read whole at every step (their attention is not sparse)",
+                              unit="layers", minimum=0)
+    question_share: float = param(0.5, "share of the per-step budget held by the pages the question attended most "
+                                  "(0: Quest as published)", minimum=0.0, maximum=1.0)
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         return torch.zeros(inputs.positions.shape)
@@ -42,6 +46,7 @@ class Quest(Policy):
         return KeepAllBudget()
 
     def arrange(self, cache: KVCache, budget_tokens: int) -> KVCache:
-        layers = page_cache_layers(cache.layers, page_tokens=self.page_tokens, read_tokens=budget_tokens,
-                                   sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens)
-        return KVCache(layers=layers, num_tokens=cache.num_tokens)
+        paged = page_cache_layers(cache.layers[self.dense_layers:], page_tokens=self.page_tokens,
+                                  read_tokens=budget_tokens, sink_tokens=self.sink_tokens,
+                                  recent_tokens=self.recent_tokens, question_share=self.question_share)
+        return KVCache(layers=cache.layers[:self.dense_layers] + paged, num_tokens=cache.num_tokens)

@@ -131,3 +131,24 @@ def test_forks_keep_their_own_new_tokens_and_the_base_is_never_written():
     assert (first.slots, second.slots, pages.slots) == (98, 97, 96)
     assert torch.equal(first.keys[:, 96:], torch.ones(2, 2, 16)) and torch.equal(base.keys, before)
     assert first.dense().slots == 98 and torch.equal(first.dense().positions[0, -2:], torch.tensor([96, 97]))
+
+
+def test_the_question_chooses_pages_by_its_attention_mass_and_they_are_read_at_every_step():
+    layer = plain_layer()  # 12 pages of 8
+    pages = PagedLayerCache(layer, page_tokens=PAGE, read_tokens=48, sink_tokens=4, recent_tokens=8,
+                            question_share=0.5)  # 6 pages a step: sink, recent, 3 of the question's, 1 by bound
+    queries = torch.randn(6, 5, 16, generator=torch.Generator().manual_seed(5))
+    pages.observe_question(queries, 0.25)
+    # the reference: each query head's softmax over all slots, summed over the queries and the group, per page
+    weights = torch.softmax(torch.einsum("hqd,hsd->hqs", queries.reshape(2, 15, 16), layer.keys) * 0.25, dim=-1)
+    mass = weights.sum(dim=1).reshape(2, 12, PAGE).sum(dim=-1)
+    assert pages.question_pages is not None
+    for head in range(2):
+        assert sorted(pages.question_pages[head].tolist()) == sorted(mass[head].topk(3).indices.tolist())
+    chosen = pages.select_pages(torch.randn(6, 16))
+    for head in range(2):
+        assert set(pages.question_pages[head].tolist()) | {0, 11} <= set(chosen[head].tolist())
+    assert chosen.shape == (2, 6)
+    published = paged(layer, read_tokens=48)  # question_share 0: Quest as published, bounds alone
+    published.observe_question(queries, 0.25)
+    assert published.question_pages is None
