@@ -68,7 +68,31 @@ class PagedLayerCache(LayerCache):
         self.recent_tokens = recent_tokens
         self.question_share = question_share
         self.question_pages: torch.Tensor | None = None  # (kv_heads, m): pages the last question attended most
-        self.page_min, self.page_max = page_summaries(base, page_tokens)
+        low, high = page_summaries(base, page_tokens)
+        # one (kv_heads, 2 * head_dim, pages) operand: a step's bounds are one matrix product, [q+, q-] @ [max; min]
+        self.summary = torch.cat([high, low], dim=2).transpose(1, 2).contiguous()
+        self._forced = self._forced_pages()
+
+    @property
+    def page_max(self) -> torch.Tensor:
+        """(kv_heads, pages, head_dim): each page's per-channel key maximum."""
+        return self.summary[:, :self.spec.head_dim].transpose(1, 2)
+
+    @property
+    def page_min(self) -> torch.Tensor:
+        """(kv_heads, pages, head_dim): each page's per-channel key minimum."""
+        return self.summary[:, self.spec.head_dim:].transpose(1, 2)
+
+    def _forced_pages(self) -> torch.Tensor:
+        """(kv_heads, pages) bool: the pages every step reads: sinks, recent pages and the question's."""
+        forced = torch.zeros((self.spec.kv_heads, self.pages), dtype=torch.bool, device=self.summary.device)
+        forced[:, :self._sink_pages()] = True
+        recent = self._recent_pages()
+        if recent:
+            forced[:, self.pages - recent:] = True
+        if self.question_pages is not None:
+            forced.scatter_(1, self.question_pages, True)
+        return forced
 
     # -- the wrapped storage -----------------------------------------------------------------------------------------
     @property
@@ -126,7 +150,7 @@ class PagedLayerCache(LayerCache):
         return torch.cat([keys, self.new.keys], dim=1), torch.cat([values, self.new.values], dim=1)
 
     def storages(self) -> list[torch.Tensor]:
-        return [*self.base.storages(), *self.new.storages(), self.page_min, self.page_max]
+        return [*self.base.storages(), *self.new.storages(), self.summary]
 
     def _joined(self, base: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         return base if not self.new.slots else torch.cat([base, new], dim=1)
@@ -134,7 +158,7 @@ class PagedLayerCache(LayerCache):
     # -- pages -----------------------------------------------------------------------------------------------------
     @property
     def pages(self) -> int:
-        return self.page_min.shape[1]
+        return self.summary.shape[2]
 
     @property
     def paged_slots(self) -> int:
@@ -161,23 +185,17 @@ class PagedLayerCache(LayerCache):
         page; ``query`` (query_heads, head_dim)."""
         spec = self.spec
         grouped = query.to(SUMMARY_DTYPE).reshape(spec.kv_heads, spec.group_size, spec.head_dim)
-        bounds = (grouped.clamp(min=0) @ self.page_max.transpose(1, 2)
-                  + grouped.clamp(max=0) @ self.page_min.transpose(1, 2))
-        return bounds.amax(dim=1)
+        signed = torch.cat([grouped.clamp(min=0), grouped.clamp(max=0)], dim=-1)
+        return (signed @ self.summary).amax(dim=1)
 
     def select_pages(self, query: torch.Tensor) -> torch.Tensor:
-        """(kv_heads, k) page indices, ascending: sinks, recent pages and the highest bounds, k = ``read_pages``."""
+        """(kv_heads, k) page indices, in no particular order: the sink, recent and question pages, then the
+        highest bounds, k = ``read_pages``."""
         count = self.read_pages()
         if count >= self.pages:
-            return torch.arange(self.pages, device=self.page_min.device).expand(self.spec.kv_heads, -1)
-        bounds = self.page_bounds(query)
-        sinks, recent = self._sink_pages(), self._recent_pages()
-        bounds[:, :sinks] = math.inf
-        if recent:
-            bounds[:, self.pages - recent:] = math.inf
-        if self.question_pages is not None:
-            bounds.scatter_(1, self.question_pages, math.inf)
-        return bounds.topk(count, dim=1, sorted=False).indices.sort(dim=1).values
+            return torch.arange(self.pages, device=self.summary.device).expand(self.spec.kv_heads, -1)
+        bounds = self.page_bounds(query).masked_fill_(self._forced, math.inf)
+        return bounds.topk(count, dim=1, sorted=False).indices
 
     def observe_question(self, queries: torch.Tensor, scale: float) -> None:
         """Remember the pages the newest question attends to most, read at every following decode step as the
@@ -189,6 +207,7 @@ class PagedLayerCache(LayerCache):
         wanted = min(free, int(self.question_share * self.read_pages()))
         if wanted <= 0 or not self.pages:
             self.question_pages = None
+            self._forced = self._forced_pages()
             return
         spec, paged = self.spec, self.paged_slots
         keys = self.base.attention_tensors()[0][:, :paged]
@@ -199,60 +218,66 @@ class PagedLayerCache(LayerCache):
             weights = weights * padding[:, None, :paged]
         mass = weights.sum(dim=1).reshape(spec.kv_heads, self.pages, self.page_tokens).sum(dim=-1)
         self.question_pages = mass.topk(wanted, dim=1).indices
+        self._forced = self._forced_pages()
 
     def decode_tensors(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """What one decode query reads: keys, values (kv_heads, n, head_dim) of the selected pages, then the slots
-        that fill no page, then the new ones; and their padding mask (kv_heads, n), or None."""
+        that fill no page, then the new ones; and their padding mask (kv_heads, n), or None. Each part is written
+        once, into the output."""
         chosen = self.select_pages(query)
-        keys, values, mask = self._read_pages(chosen)
-        rest_keys, rest_values, rest_mask = self._unpaged()
-        parts_mask = None if mask is None and rest_mask is None else torch.cat(
-            [_ones(mask, keys), _ones(rest_mask, rest_keys)], dim=1)
-        return torch.cat([keys, rest_keys], dim=1), torch.cat([values, rest_values], dim=1), parts_mask
-
-    def _read_pages(self, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        heads, dim, size, pages = self.spec.kv_heads, self.spec.head_dim, self.page_tokens, self.pages
-        rows = torch.arange(heads, device=chosen.device)[:, None]
-        count, paged = chosen.shape[1], self.paged_slots
-        base = self.base
-        if isinstance(base, QuantizedLayerCache):
-            codes = {}
-            for name in CODE_FIELDS:
-                tensor = base.codes[name]
-                if name in ("key_scales", "key_zeros"):  # one row per group: per page
-                    codes[name] = tensor[rows, chosen]
-                else:
-                    width = tensor.shape[-1]
-                    codes[name] = tensor[:, :paged].reshape(heads, pages, size, width)[rows, chosen].reshape(
-                        heads, count * size, width)
-            keys = torch.empty((heads, count * size, dim), dtype=base.dtype, device=chosen.device)
-            values = torch.empty_like(keys)
-            dequantize_codes_into(codes, base.params, keys, values)
-            return keys, values, None  # code rows of a paged (unpruned) layer are never padding
-        keys = base.keys[:, :paged].reshape(heads, pages, size, dim)[rows, chosen].reshape(heads, -1, dim)
-        values = base.values[:, :paged].reshape(heads, pages, size, dim)[rows, chosen].reshape(heads, -1, dim)
-        padding = base.padding_free
-        mask = None if padding is None else padding[:, :paged].reshape(heads, pages, size)[rows, chosen].reshape(
-            heads, -1)
-        return keys, values, mask
-
-    def _unpaged(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The slots every decode step reads: the part of ``base`` that fills no page, and ``new``."""
-        base, paged = self.base, self.paged_slots
-        rest = base.residual if isinstance(base, QuantizedLayerCache) else base
-        start = 0 if isinstance(base, QuantizedLayerCache) else paged
-        keys = torch.cat([rest.keys[:, start:], self.new.keys], dim=1)
-        values = torch.cat([rest.values[:, start:], self.new.values], dim=1)
-        rest_mask, new_mask = rest.padding_free, self.new.padding_free
-        if rest_mask is None and new_mask is None:
+        heads, dim = self.spec.kv_heads, self.spec.head_dim
+        selected = chosen.shape[1] * self.page_tokens
+        always = self._unpaged()
+        total = selected + sum(part[0].shape[1] for part in always)
+        keys = torch.empty((heads, total, dim), dtype=_compute_dtype(self.base), device=chosen.device)
+        values = torch.empty_like(keys)
+        page_mask = self._read_pages_into(chosen, keys[:, :selected], values[:, :selected])
+        masks = [page_mask]
+        at = selected
+        for part_keys, part_values, part_mask in always:
+            count = part_keys.shape[1]
+            keys[:, at:at + count] = part_keys
+            values[:, at:at + count] = part_values
+            masks.append(part_mask)
+            at += count
+        if all(mask is None for mask in masks):
             return keys, values, None
-        mask = torch.cat([rest.valid[:, start:], self.new.valid], dim=1)
+        mask = torch.ones((heads, total), dtype=torch.bool, device=chosen.device)
+        at = 0
+        for part, width in zip(masks, [selected] + [part[0].shape[1] for part in always]):
+            if part is not None:
+                mask[:, at:at + width] = part
+            at += width
         return keys, values, mask
+
+    def _read_pages_into(self, chosen: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
+        """Write the chosen pages' keys and values into ``keys``, ``values`` (kv_heads, k * page_tokens, head_dim);
+        return their padding mask, or None."""
+        size, base = self.page_tokens, self.base
+        slot_rows = _slot_rows(chosen, size)
+        if isinstance(base, QuantizedLayerCache):
+            codes = {name: _take_rows(base.codes[name], chosen if name in ("key_scales", "key_zeros") else slot_rows)
+                     for name in CODE_FIELDS}  # scales and zero points of keys: one row per group, per page
+            dequantize_codes_into(codes, base.params, keys, values)
+            return None  # code rows of a paged (unpruned) layer are never padding
+        _take_rows(base.keys, slot_rows, out=keys)
+        _take_rows(base.values, slot_rows, out=values)
+        padding = base.padding_free
+        return None if padding is None else padding.gather(1, slot_rows)
+
+    def _unpaged(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """The slots every decode step reads, as views: the part of ``base`` that fills no page, and ``new``."""
+        base = self.base
+        rest = base.residual if isinstance(base, QuantizedLayerCache) else base
+        start = 0 if isinstance(base, QuantizedLayerCache) else self.paged_slots
+        rest_mask = rest.padding_free
+        return [(rest.keys[:, start:], rest.values[:, start:], None if rest_mask is None else rest_mask[:, start:]),
+                (self.new.keys, self.new.values, self.new.padding_free)]
 
     def decode_read_bytes(self) -> int:
         """Bytes one decode step reads from this layer: the summaries, the selected pages, the rest of ``base`` and
         the new slots (each at its held size)."""
-        summaries = self.page_min.nbytes + self.page_max.nbytes
+        summaries = self.summary.nbytes
         base = self.base
         page_bytes = base.held_bytes / max(1, base.slots)
         if isinstance(base, QuantizedLayerCache):
@@ -263,15 +288,15 @@ class PagedLayerCache(LayerCache):
     # -- bytes -----------------------------------------------------------------------------------------------------
     @property
     def held_bytes(self) -> int:
-        return self.base.held_bytes + self.new.held_bytes + self.page_min.nbytes + self.page_max.nbytes
+        return self.base.held_bytes + self.new.held_bytes + self.summary.nbytes
 
     @property
     def live_bytes(self) -> int:
-        return self.base.live_bytes + self.new.live_bytes + self.page_min.nbytes + self.page_max.nbytes
+        return self.base.live_bytes + self.new.live_bytes + self.summary.nbytes
 
     @property
     def allocated_bytes(self) -> int:
-        return self.base.allocated_bytes + self.new.allocated_bytes + self.page_min.nbytes + self.page_max.nbytes
+        return self.base.allocated_bytes + self.new.allocated_bytes + self.summary.nbytes
 
     # -- growth ----------------------------------------------------------------------------------------------------
     def reserve(self, extra_slots: int) -> None:
@@ -328,6 +353,26 @@ def page_summaries(base: LayerCache, page_tokens: int) -> tuple[torch.Tensor, to
     return torch.where(real, block, math.inf).amin(dim=2), torch.where(real, block, -math.inf).amax(dim=2)
 
 
+def _slot_rows(pages: torch.Tensor, page_tokens: int) -> torch.Tensor:
+    """(heads, k * page_tokens): the slot indices of each head's pages (heads, k)."""
+    offsets = torch.arange(page_tokens, device=pages.device)
+    return (pages[:, :, None] * page_tokens + offsets).reshape(pages.shape[0], -1)
+
+
+def _take_rows(tensor: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``tensor`` (heads, slots, width) at ``rows`` (heads, n) of each head, into ``out`` (heads, n, width) if
+    given: ``index_select`` (plain row copies) head by head, where each head's rows are contiguous."""
+    heads, _, width = tensor.shape
+    if out is None:
+        out = tensor.new_empty((heads, rows.shape[1], width))
+    if tensor.stride(-1) != 1 or tensor.stride(-2) != width or out.stride(-1) != 1 or out.stride(-2) != width:
+        out.copy_(tensor.gather(1, rows[:, :, None].expand(-1, -1, width)))
+        return out
+    for head in range(heads):
+        torch.index_select(tensor[head], 0, rows[head], out=out[head])
+    return out
+
+
 def empty_like_layer(layer: LayerCache) -> LayerCache:
     """A plain layer with no slots, in ``layer``'s compute dtype and device."""
     spec, dtype = layer.spec, _compute_dtype(layer)
@@ -339,10 +384,6 @@ def empty_like_layer(layer: LayerCache) -> LayerCache:
 
 def _compute_dtype(layer: LayerCache) -> torch.dtype:
     return layer.dtype if isinstance(layer, QuantizedLayerCache) else layer.keys.dtype
-
-
-def _ones(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    return mask if mask is not None else torch.ones(like.shape[:2], dtype=torch.bool, device=like.device)
 
 
 def page_cache_layers(layers: list[LayerCache], *, page_tokens: int, read_tokens: int, sink_tokens: int,
