@@ -62,10 +62,10 @@ def _reuse_buffers(working: KVCache, compressed: KVCache) -> KVCache:
 def release_freed_memory() -> None:
     """Give freed heap memory back to the system (glibc's ``malloc_trim``; a no-op elsewhere).
 
-    Every chunk reallocates each layer's buffers (a few MB each) and frees the previous ones; glibc keeps freed heap
-    blocks, so resident memory grew with the document's length while the KV held stayed at 180 MiB. Measured with
-    ``benchmarks/streaming_memory.py`` on SmolLM2 (64K tokens, budget 2048): peak RSS 3.89 GiB without trimming,
-    3.27 GiB with it. It still grows with length; what else grows is not found yet (issue 11's notes)."""
+    Compressed layers are written back into the working buffers (``_reuse_buffers``), so a round frees little;
+    what it does free (the compressed copies, observation tensors) glibc would otherwise keep. Measured with
+    ``benchmarks/streaming_memory.py`` on SmolLM2 (64K tokens, budget 2048): peak RSS 3.89 GiB with neither,
+    3.27 GiB with trimming alone, 1.57 GiB with both."""
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
