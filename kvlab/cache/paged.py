@@ -3,8 +3,8 @@
 Tang et al., 2024, "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference" (arXiv:2406.10774). The
 layer's slots are cut into pages of ``page_tokens``; each page carries a key summary, the per-channel minimum and
 maximum of its keys. For a query q the largest dot product any key of a page can reach is bounded by
-sum_d max(q_d * min_d, q_d * max_d), computed here as relu(q) . max - relu(-q) . min (two small matrix products
-over the summaries, no per-page intermediate). A decode step keeps the pages with the highest bounds within the
+sum_d max(q_d * min_d, q_d * max_d), computed here as [relu(q), -relu(-q)] . [max; min] (one small matrix product
+over the joined summaries, no per-page intermediate). A decode step keeps the pages with the highest bounds within the
 read budget, always with the first pages (attention sinks) and the newest ones (the recent window), and attends
 over those pages plus the tail of slots that do not fill a page yet. Everything else stays where it is, unread:
 nothing is evicted, so a question asked later reaches every token.
@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from kvlab.cache.kvcache import LayerCache
+from kvlab.cache.kvcache import LayerCache, empty_layer
 from kvlab.cache.quantized import CODE_FIELDS, QuantizedLayerCache, dequantize_codes_into
 from kvlab.errors import ParameterError
 
@@ -61,7 +61,7 @@ class PagedLayerCache(LayerCache):
                 f"{base.params.group_size}")
         self.spec = base.spec
         self.base = base
-        self.new = new if new is not None else empty_like_layer(base)
+        self.new = new if new is not None else empty_layer(base.spec, _compute_dtype(base), base.positions.device)
         self.page_tokens = page_tokens
         self.read_tokens = read_tokens
         self.sink_tokens = sink_tokens
@@ -103,11 +103,17 @@ class PagedLayerCache(LayerCache):
     def storage(self) -> LayerCache:
         return self.base
 
-    def rewrap(self, base: LayerCache) -> PagedLayerCache:
-        """The same paging over other storage (the layer quantized, moved or copied)."""
-        return PagedLayerCache(base, page_tokens=self.page_tokens, read_tokens=self.read_tokens,
+    def rewrap(self, base: LayerCache, new: LayerCache | None = None,
+               question_pages: torch.Tensor | None = None) -> PagedLayerCache:
+        """The same paging over other storage (the layer quantized, moved or copied), with ``new`` as the tokens
+        added since (default: none) and ``question_pages`` as the question's pages (default: no question yet)."""
+        twin = PagedLayerCache(base, page_tokens=self.page_tokens, read_tokens=self.read_tokens,
                                sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens,
-                               question_share=self.question_share)
+                               question_share=self.question_share, new=new)
+        if question_pages is not None:
+            twin.question_pages = question_pages.to(twin.summary.device)
+            twin._forced = twin._forced_pages()
+        return twin
 
     def map_storage(self, change) -> LayerCache:
         return self.rewrap(change(self.base if self.new.slots == 0 else self.dense()))
@@ -231,23 +237,20 @@ class PagedLayerCache(LayerCache):
         total = selected + sum(part[0].shape[1] for part in always)
         keys = torch.empty((heads, total, dim), dtype=_compute_dtype(self.base), device=chosen.device)
         values = torch.empty_like(keys)
-        page_mask = self._read_pages_into(chosen, keys[:, :selected], values[:, :selected])
-        masks = [page_mask]
+        masks = [(0, selected, self._read_pages_into(chosen, keys[:, :selected], values[:, :selected]))]
         at = selected
         for part_keys, part_values, part_mask in always:
-            count = part_keys.shape[1]
-            keys[:, at:at + count] = part_keys
-            values[:, at:at + count] = part_values
-            masks.append(part_mask)
-            at += count
-        if all(mask is None for mask in masks):
+            end = at + part_keys.shape[1]
+            keys[:, at:end] = part_keys
+            values[:, at:end] = part_values
+            masks.append((at, end, part_mask))
+            at = end
+        if all(part is None for _, _, part in masks):
             return keys, values, None
         mask = torch.ones((heads, total), dtype=torch.bool, device=chosen.device)
-        at = 0
-        for part, width in zip(masks, [selected] + [part[0].shape[1] for part in always]):
+        for start, end, part in masks:
             if part is not None:
-                mask[:, at:at + width] = part
-            at += width
+                mask[:, start:end] = part
         return keys, values, mask
 
     def _read_pages_into(self, chosen: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
@@ -316,18 +319,10 @@ class PagedLayerCache(LayerCache):
         return twin
 
     def clone(self) -> PagedLayerCache:
-        twin = PagedLayerCache(self.base.clone(), page_tokens=self.page_tokens, read_tokens=self.read_tokens,
-                               sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens,
-                               question_share=self.question_share, new=self.new.clone())
-        twin.question_pages = self.question_pages
-        return twin
+        return self.rewrap(self.base.clone(), self.new.clone(), self.question_pages)
 
     def to(self, device: torch.device | str) -> PagedLayerCache:
-        twin = PagedLayerCache(self.base.to(device), page_tokens=self.page_tokens, read_tokens=self.read_tokens,
-                               sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens,
-                               question_share=self.question_share, new=self.new.to(device))
-        twin.question_pages = None if self.question_pages is None else self.question_pages.to(device)
-        return twin
+        return self.rewrap(self.base.to(device), self.new.to(device), self.question_pages)
 
     def dense(self) -> LayerCache:
         base = self.base.dense()
@@ -375,15 +370,6 @@ def _take_pages(tensor: torch.Tensor, pages: torch.Tensor, rows_per_page: int,
     for head in range(heads):
         torch.index_select(tensor[head], 0, rows[head], out=out[head])
     return out
-
-
-def empty_like_layer(layer: LayerCache) -> LayerCache:
-    """A plain layer with no slots, in ``layer``'s compute dtype and device."""
-    spec, dtype = layer.spec, _compute_dtype(layer)
-    device = layer.positions.device
-    return LayerCache(spec, torch.zeros((spec.kv_heads, 0, spec.head_dim), dtype=dtype, device=device),
-                      torch.zeros((spec.kv_heads, 0, spec.head_dim), dtype=dtype, device=device),
-                      torch.zeros((spec.kv_heads, 0), dtype=torch.long, device=device))
 
 
 def _compute_dtype(layer: LayerCache) -> torch.dtype:

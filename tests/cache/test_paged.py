@@ -145,10 +145,13 @@ def test_the_question_chooses_pages_by_its_attention_mass_and_they_are_read_at_e
     assert pages.question_pages is not None
     for head in range(2):
         assert sorted(pages.question_pages[head].tolist()) == sorted(mass[head].topk(3).indices.tolist())
-    chosen = pages.select_pages(torch.randn(6, 16))
+    query = torch.randn(6, 16)
+    chosen = pages.select_pages(query)
     for head in range(2):
         assert set(pages.question_pages[head].tolist()) | {0, 11} <= set(chosen[head].tolist())
     assert chosen.shape == (2, 6)
+    copy = pages.clone()  # a copy reads the same pages
+    assert torch.equal(copy.select_pages(query).sort(dim=1).values, chosen.sort(dim=1).values)
     published = paged(layer, read_tokens=48)  # question_share 0: Quest as published, bounds alone
     published.observe_question(queries, 0.25)
     assert published.question_pages is None
