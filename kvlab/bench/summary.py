@@ -8,6 +8,8 @@ import math
 import time
 from collections import defaultdict
 
+from kvlab.units import format_exact_size
+
 ALL = "all"
 BUDGETS = (1.0, 0.5, 0.25, 0.125, 0.0625)  # memory budgets, as fractions of the full cache's bytes at fp16
 BUDGET_CAPTION = ("For each memory budget, the highest-scoring cell whose KV bytes held fit in it (the smaller memory "
@@ -87,17 +89,10 @@ def cell_label(row: dict) -> str:
 
 
 STREAM_MARK = " stream≤"  # ends the policy column of a --max-kv-memory cell: "snapkv stream≤64MiB"
-_SIZE_UNITS = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10),
-               ("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3))
-
-
 def stream_label(max_kv_bytes: int) -> str:
-    """``stream≤64MiB``: the suffix of a streamed cell's policy column, with the limit exact (the largest unit that
-    divides it, else bytes), so two limits never share a label."""
-    for unit, size in _SIZE_UNITS:
-        if max_kv_bytes % size == 0:
-            return f"{STREAM_MARK.strip()}{max_kv_bytes // size}{unit}"
-    return f"{STREAM_MARK.strip()}{max_kv_bytes}B"
+    """``stream≤64MiB``: the suffix of a streamed cell's policy column, with the limit exact
+    (``units.format_exact_size``), so two limits never share a label."""
+    return f"{STREAM_MARK.strip()}{format_exact_size(max_kv_bytes)}"
 
 
 def _number(value, digits: int) -> str:

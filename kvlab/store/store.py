@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvlab import units
 from kvlab.cache.quant import QuantizationParams
 from kvlab.errors import CacheFileError, CacheMismatchError, KvlabError, ParameterError, UnknownCacheEntryError
 from kvlab.fileio import TEMP_SUFFIX, atomic_write, fsync_directory
@@ -39,8 +40,7 @@ from kvlab.store.meta import CacheMeta
 STALE_TEMP_SECONDS = 3600
 _KEY = re.compile(r"[0-9a-f]{64}")
 _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", re.IGNORECASE)
-SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+SIZE_UNITS = {"": 1, "b": 1, **{unit.lower(): size for unit, size in units.SIZE_UNITS.items()}}  # case-insensitive
 
 
 class StoreWriteError(KvlabError, OSError):
