@@ -107,8 +107,7 @@ def streaming_chunk(engine: Engine, policy: Policy, context_tokens: int, budget_
     if policy.keeps_all_tokens:
         raise BudgetError(f"the full cache of this document ({format_mib(context_tokens * per_token)}) exceeds "
                           f"--max-kv-memory {format_mib(max_kv_bytes)} and --policy {policy.name} evicts nothing; "
-                          f"pick a "
-                          f"policy that evicts, or raise the limit")
+                          f"pick a policy that evicts, or raise the limit")
     room = max_kv_bytes // per_token - budget_tokens
     if room < MIN_STREAM_CHUNK_TOKENS:
         raise BudgetError(f"--max-kv-memory {format_mib(max_kv_bytes)} holds {max_kv_bytes // per_token} tokens of "

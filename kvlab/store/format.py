@@ -261,7 +261,8 @@ def _mapped_tensors(path: Path) -> tuple[dict[str, torch.Tensor], mmap.mmap]:
 
 
 def _to_device(cache: KVCache, device: torch.device) -> KVCache:
-    if device.type == "cpu" and all(layer.keys.device.type == "cpu" for layer in cache.layers):
+    # positions, not keys: a quantized (or paged) layer's keys are dequantized afresh on every read
+    if device.type == "cpu" and all(layer.positions.device.type == "cpu" for layer in cache.layers):
         return cache
     cache.layers = [layer.to(device) for layer in cache.layers]
     return cache
