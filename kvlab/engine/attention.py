@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from kvlab.cache.kvcache import PADDING_POSITION, KVCache, LayerCache
 from kvlab.cache.layout import LayerSpec
 from kvlab.cache.paged import PagedLayerCache
+from kvlab.engine.kernels import flash_available, merge_by_lse
 from kvlab.engine.self_extend import needs_grouping, self_extend_attend
 from kvlab.errors import UnsupportedModelError
 from kvlab.models.extension import SelfExtend
@@ -104,7 +105,7 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layer:
         return _decode(query, keys, values, spec, padding, scale)
     if padding is None and within_window and past == 0:
         return F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
-    if padding is None and window is None and past > 0 and _flash_available(query):
+    if padding is None and window is None and past > 0 and flash_available(query):
         return _past_plus_causal(query, keys, values, spec, past, scale)
     # a masked call materialises (query_heads, q, S) scores on the CPU: queries go in blocks so that a long chunk
     # over a padded (compressed) cache does not hold gigabytes at once; each query's result is the same either way
@@ -142,11 +143,6 @@ def _decode(query, keys, values, spec: LayerSpec, padding: torch.Tensor | None, 
     return output.reshape(1, spec.query_heads, 1, dim)
 
 
-def _flash_available(query: torch.Tensor) -> bool:
-    return query.device.type == "cpu" and query.dtype in (torch.float32, torch.bfloat16) and hasattr(
-        torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
-
-
 def _past_plus_causal(query, keys, values, spec: LayerSpec, past: int, scale: float) -> torch.Tensor:
     """Attention over ``past`` unmasked slots and a causal new-by-new block, merged by log-sum-exp: no mask over
     the past is ever built."""
@@ -160,11 +156,7 @@ def _past_plus_causal(query, keys, values, spec: LayerSpec, past: int, scale: fl
     new_keys = keys[:, :, past:].repeat_interleave(group, dim=1)
     new_values = values[:, :, past:].repeat_interleave(group, dim=1)
     new_out, new_lse = flash(query, new_keys, new_values, 0.0, True, scale=scale)[:2]
-    top = torch.maximum(past_lse, new_lse)
-    past_weight = torch.exp(past_lse - top).unsqueeze(-1)
-    new_weight = torch.exp(new_lse - top).unsqueeze(-1)
-    merged = (past_out.float() * past_weight + new_out.float() * new_weight) / (past_weight + new_weight)
-    return merged.to(query.dtype)
+    return merge_by_lse([(past_out, past_lse), (new_out, new_lse)]).to(query.dtype)
 
 
 def position_mask(slot_positions: torch.Tensor, query_positions: torch.Tensor,

@@ -4,9 +4,17 @@ The cache holds keys rotated at their true positions and the model hands over qu
 grouped part both are moved, by composing rotations (``cache.rope.rotate_by``): a key at p to ``p // group``, a
 query at q to ``q // group + window - window // group``. Each (query, slot) pair then takes the neighbour score when
 the slot is fewer than ``window`` positions back, else the grouped one; padding and future slots are masked;
-softmax in fp32. Queries go in blocks so that the two score matrices stay ~32 M elements whatever the cache
-length. Where every visible slot is within the window of every query the grouped part changes nothing, and the
-plain attention runs instead.
+softmax in fp32. Where every visible slot is within the window of every query the grouped part changes nothing, and
+the plain attention runs instead.
+
+Two ways to compute it, giving the same result:
+  - shared positions (every head holds the same slots, no padding: a document prefilled whole, or evicted
+    uniformly). Queries go in blocks of positions [a, b). Slots at least ``window`` behind a are grouped for every
+    query of the block: they go through the CPU flash kernel with no mask, and only the few slots in between (at
+    most ``window`` + block) are scored explicitly, pair by pair. The two parts merge by their log-sum-exp. This
+    costs about one plain attention, where scoring every pair twice cost ~10x more at 16K tokens;
+  - anything else (head-wise eviction, padding, other devices): both score matrices explicitly, in blocks of
+    queries that keep them ~32 M elements whatever the cache length.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import torch
 
 from kvlab.cache.kvcache import PADDING_POSITION, LayerCache
 from kvlab.cache.rope import rotate_by
+from kvlab.engine.kernels import flash_available, merge_by_lse
 from kvlab.errors import UnsupportedModelError
 from kvlab.models.extension import SelfExtend
 
@@ -48,6 +57,9 @@ def self_extend_attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     query_shift = query_positions // size + (window - window // size) - query_positions
     queries = query[0].reshape(kv_heads, group, count, dim)
     grouped_queries = rotate_by(queries, query_shift, spec.rope_theta)
+    if _shares_positions(positions, valid) and flash_available(query):
+        return _split_attend(queries, grouped_queries, keys[0], grouped_keys, values[0], positions[0],
+                             query_positions, scale, window).reshape(1, kv_heads * group, count, dim)
     slots = keys.shape[2]
     block = max(1, SCORE_ELEMENTS_PER_BLOCK // max(1, kv_heads * group * slots))
     outputs = []
@@ -62,3 +74,46 @@ def self_extend_attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
         weights = torch.softmax(scores, dim=-1).to(values.dtype)
         outputs.append(torch.einsum("hgqk,hkd->hgqd", weights, values[0]))
     return torch.cat(outputs, dim=2).reshape(1, kv_heads * group, count, dim)
+
+
+def _shares_positions(positions: torch.Tensor, valid: torch.Tensor) -> bool:
+    return bool(valid.all()) and (positions.shape[0] == 1 or bool((positions == positions[:1]).all()))
+
+
+def _split_attend(queries: torch.Tensor, grouped_queries: torch.Tensor, keys: torch.Tensor,
+                  grouped_keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                  query_positions: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+    """queries, grouped_queries (kv_heads, group, q, d) over keys, grouped_keys, values (kv_heads, S, d) whose slots
+    all sit at ``positions`` (S,); returns (kv_heads, group, q, d). Queries go in blocks; within one, the slots
+    every query groups take the flash kernel unmasked, the others are scored pair by pair, and the two merge."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    kv_heads, group, count, dim = queries.shape
+    block = max(1, min(count, SCORE_ELEMENTS_PER_BLOCK // max(1, kv_heads * group * (window + count))))
+    outputs = []
+    for start in range(0, count, block):
+        block_positions = query_positions[start:start + block]
+        rows = block_positions.numel()
+        first, last = int(block_positions.min()), int(block_positions.max())
+        far = torch.nonzero(positions <= first - window).flatten()
+        near = torch.nonzero((positions > first - window) & (positions <= last)).flatten()
+        parts = []
+        if far.numel():
+            far_queries = grouped_queries[:, :, start:start + block].reshape(1, kv_heads, group * rows, dim)
+            out, lse = flash(far_queries, grouped_keys.index_select(1, far)[None], values.index_select(1, far)[None],
+                             0.0, False, scale=scale)[:2]
+            parts.append((out.reshape(kv_heads, group, rows, dim).float(), lse.reshape(kv_heads, group, rows)))
+        if near.numel():
+            near_positions = positions.index_select(0, near)
+            distance = block_positions[:, None] - near_positions[None, :]  # (rows, near)
+            true_scores = torch.einsum("hgqd,hkd->hgqk", queries[:, :, start:start + block],
+                                       keys.index_select(1, near)).float()
+            moved_scores = torch.einsum("hgqd,hkd->hgqk", grouped_queries[:, :, start:start + block],
+                                        grouped_keys.index_select(1, near)).float()
+            scores = torch.where(distance < window, true_scores, moved_scores) * scale
+            scores.masked_fill_(distance < 0, float("-inf"))
+            lse = torch.logsumexp(scores, dim=-1)
+            weights = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num_(0.0)
+            parts.append((torch.einsum("hgqk,hkd->hgqd", weights, values.index_select(1, near).float()), lse))
+        outputs.append(merge_by_lse(parts).to(queries.dtype))
+    return torch.cat(outputs, dim=2)
+

@@ -70,6 +70,38 @@ def test_attention_matches_the_papers_definition_with_padding_and_eviction_gaps(
         torch.testing.assert_close(got[head].double(), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("new", [1, 7])
+def test_shared_positions_take_the_flash_split_and_match_the_papers_definition(new, monkeypatch):
+    """Every head holds the same slots (a gap evicted from all of them): slots far behind every query go through
+    the flash kernel, the rest are scored pair by pair, in blocks, and the merge equals the definition."""
+    torch.manual_seed(1)
+    kv_heads, group_heads, dim, group, window = 2, 2, 16, 3, 5
+    spec = LayerSpec("full", kv_heads, kv_heads * group_heads, dim, None, rope_theta=THETA)
+    held = torch.tensor([*range(0, 12), *range(20, 40)])
+    q_pos = torch.arange(40, 40 + new)
+    slot_positions = torch.cat([held, q_pos])
+    positions = slot_positions.expand(kv_heads, -1)
+    raw_k = torch.randn(kv_heads, len(slot_positions), dim)
+    values = torch.randn(kv_heads, len(slot_positions), dim)
+    raw_q = torch.randn(kv_heads * group_heads, new, dim)
+    stored_k = torch.stack([rope(raw_k[h], slot_positions) for h in range(kv_heads)]).float()
+    query = torch.stack([rope(raw_q[h], q_pos) for h in range(kv_heads * group_heads)]).float()
+    scale = dim ** -0.5
+    import kvlab.engine.self_extend as module
+
+    calls = []
+    real = module._split_attend
+    monkeypatch.setattr(module, "_split_attend", lambda *args: calls.append(1) or real(*args))
+    monkeypatch.setattr(module, "SCORE_ELEMENTS_PER_BLOCK", 64)  # one query per block
+    got = self_extend_attend(query[None], stored_k[None], values[None], FakeLayer(spec, positions), q_pos,
+                             scale, SelfExtend(group=group, window=window))[0]
+    assert calls, "shared positions should take the split path"
+    for head in range(kv_heads * group_heads):
+        kv = head // group_heads
+        expected = reference(raw_q[head], raw_k[kv], values[kv], q_pos, slot_positions, group, window, scale)
+        torch.testing.assert_close(got[head].double(), expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def plain():
     return Engine(load_model("tiny-llama"), chunk_tokens=64)
