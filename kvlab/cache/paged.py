@@ -262,7 +262,8 @@ class PagedLayerCache(LayerCache):
             codes = {name: _take_pages(base.codes[name], chosen, 1 if name in ("key_scales", "key_zeros") else size)
                      for name in CODE_FIELDS}
             dequantize_codes_into(codes, base.params, keys, values)
-            return None  # code rows of a paged (unpruned) layer are never padding
+            padding = base.code_padding_free  # a partial last group's missing rows (quantize_tail)
+            return None if padding is None else padding.gather(1, _slot_rows(chosen, size))
         _take_pages(base.keys, chosen, size, out=keys)
         _take_pages(base.values, chosen, size, out=values)
         padding = base.padding_free

@@ -16,6 +16,13 @@ Choices and deviations from the reference code (jy-yuan/KIVI), which quantizes a
     ``residual_tokens`` and ``residual_tokens + group_size - 1`` tokens, or all of them in a short head) is the
     residual. KIVI sends the tokens that do not fill a key group to the residual too, but keeps exactly
     ``residual_tokens`` values; sharing the split keeps one residual tensor pair and one boundary per head.
+  - With no residual (``residual_tokens=0``, ``quantize_tail``) the last key group may be partial: its per-channel
+    range is taken over its real rows and its missing rows are padding, so nothing stays in full precision. A
+    cache stored whole before any question (a ``.kv`` file, ``kvlab compress``) then holds no fp32 tail: at 1K
+    tokens and a 3/8 budget that tail was ~12% of the held bytes. A padded group costs about as much as 5 fp32
+    tokens at SmolLM2's shapes (group 32, head_dim 64), so a tail that short holds a few hundred bytes more; an
+    average tail (half a group) holds ~3x less. ``.kv`` files written before this option load
+    with ``quantize_tail=False``, as they were made.
   - A head_dim that ``group_size`` does not divide gets a smaller last value group (min/max over the real channels).
   - Scales and zero points are fp16, as in KIVI (fp32 would add half again to int4's bytes at group 32). The zero
     point is rounded down and the scale up to fp16, and codes are computed against those stored values, so every
@@ -50,11 +57,13 @@ FP16_MAX = torch.finfo(torch.float16).max
 @dataclass(frozen=True)
 class QuantizationParams:
     """``group_size``: tokens per key group and channels per value group; ``residual_tokens``: recent tokens per
-    head kept in full precision (0 quantizes everything that fills a group)."""
+    head kept in full precision; ``quantize_tail``: with no residual, quantize a last partial key group too (the
+    default when ``residual_tokens`` is 0; False keeps it in full precision, as files made before it did)."""
 
     scheme: str
     group_size: int = DEFAULT_GROUP_SIZE
     residual_tokens: int = DEFAULT_RESIDUAL_TOKENS
+    quantize_tail: bool | None = None
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEME_BITS:
@@ -66,13 +75,19 @@ class QuantizationParams:
                 or self.residual_tokens < 0):
             raise ParameterError(f"quantization residual_tokens must be an integer >= 0 (recent tokens kept in full "
                                  f"precision; default {DEFAULT_RESIDUAL_TOKENS}), got {self.residual_tokens!r}")
+        if self.quantize_tail is None:
+            object.__setattr__(self, "quantize_tail", self.residual_tokens == 0)
+        elif self.quantize_tail and self.residual_tokens:
+            raise ParameterError("quantize_tail needs residual_tokens=0 (a residual already holds the last tokens)")
 
     @property
     def bits(self) -> int:
         return SCHEME_BITS[self.scheme]
 
     def to_dict(self) -> dict:
-        return {"scheme": self.scheme, "group_size": self.group_size, "residual_tokens": self.residual_tokens}
+        """The stored form; ``quantize_tail`` only when set, so files and store keys made before it stay valid."""
+        data = {"scheme": self.scheme, "group_size": self.group_size, "residual_tokens": self.residual_tokens}
+        return {**data, "quantize_tail": True} if self.quantize_tail else data
 
     @property
     def label(self) -> str:
@@ -95,7 +110,7 @@ def parse_quantization(label: str) -> QuantizationParams:
             raise ParameterError(f"cannot read quantization {label!r}: write SCHEME[:gGROUP][:rRESIDUAL], "
                                  f"e.g. int4, int4:r0 or int2:g64:r8")
         settings[name] = int(option[1:])
-    return QuantizationParams(scheme, **settings)
+    return QuantizationParams(scheme, group_size=settings["group_size"], residual_tokens=settings["residual_tokens"])
 
 
 @dataclass
@@ -169,9 +184,12 @@ class QuantizedKVCache:
 
 
 def split_counts(positions: torch.Tensor, params: QuantizationParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per head: (valid tokens, quantized tokens), each (H,) int64. Quantized = the largest multiple of
-    ``group_size`` <= valid - residual_tokens (at least 0)."""
+    """Per head: (valid tokens, quantized rows), each (H,) int64. Quantized = the largest multiple of
+    ``group_size`` <= valid - residual_tokens (at least 0); with ``quantize_tail``, valid rounded up to a whole
+    group (the rows past ``valid`` are padding)."""
     valid = (positions != PADDING_POSITION).sum(dim=-1)
+    if params.quantize_tail:
+        return valid, -(-valid // params.group_size) * params.group_size
     groups = (valid - params.residual_tokens).clamp(min=0) // params.group_size
     return valid, groups * params.group_size
 
@@ -181,7 +199,7 @@ def expected_shapes(spec: LayerSpec, positions: torch.Tensor, params: Quantizati
     heads, dim, group = spec.kv_heads, spec.head_dim, params.group_size
     valid, quantized = split_counts(positions, params)
     q_slots = int(quantized.max()) if heads else 0
-    r_slots = int((valid - quantized).max()) if heads else 0
+    r_slots = int((valid - quantized).clamp(min=0).max()) if heads else 0
     packed = packed_width(dim, params.bits)
     return {
         "positions": (heads, positions.shape[-1]),
@@ -194,13 +212,14 @@ def expected_shapes(spec: LayerSpec, positions: torch.Tensor, params: Quantizati
 
 
 def quantize_cache(cache: KVCache, scheme: str, group_size: int = DEFAULT_GROUP_SIZE,
-                   residual_tokens: int = DEFAULT_RESIDUAL_TOKENS) -> QuantizedKVCache:
+                   residual_tokens: int = DEFAULT_RESIDUAL_TOKENS,
+                   quantize_tail: bool | None = None) -> QuantizedKVCache:
     """Quantize every layer (full and sliding) of ``cache``; ``cache`` is left untouched.
 
     Raises ParameterError for an unknown scheme, a group size < 1, residual_tokens < 0, or values that are not
     finite or exceed the fp16 range of the scales.
     """
-    params = QuantizationParams(scheme, group_size, residual_tokens)
+    params = QuantizationParams(scheme, group_size, residual_tokens, quantize_tail)
     dtype = cache.layers[0].keys.dtype if cache.layers else torch.float32
     layers = [quantize_layer(layer, params) for layer in cache.layers]
     return QuantizedKVCache(layers=layers, num_tokens=cache.num_tokens, params=params, dtype=dtype)
@@ -218,17 +237,19 @@ def quantize_layer(layer: LayerCache, params: QuantizationParams) -> QuantizedLa
     valid, quantized = split_counts(layer.positions, params)
     front = _front_mask(valid, slots)
     q_slots = int(quantized.max()) if heads else 0
-    r_slots = int((valid - quantized).max()) if heads else 0
+    r_slots = int((valid - quantized).clamp(min=0).max()) if heads else 0
     keys, values = _pack_front(layer.keys, layer.valid, front), _pack_front(layer.values, layer.valid, front)
+    if q_slots > slots:  # a partial last group (quantize_tail) runs past the layer's slots: padding rows
+        keys, values = (torch.nn.functional.pad(tensor, (0, 0, 0, q_slots - slots)) for tensor in (keys, values))
     for name, tensor in (("keys", keys), ("values", values)):
         if not bool(torch.isfinite(tensor).all()):
             raise ParameterError(f"cannot quantize a cache whose {name} hold NaN or inf; recompute the cache")
-    # Rows a head does not quantize (it has fewer tokens than the longest head) are zeroed: they fill whole key
-    # groups, so they never widen a real group's range, and zeros keep the file deterministic.
-    in_quantized = torch.arange(q_slots, device=keys.device)[None, :] < quantized[:, None]
-    key_block = keys[:, :q_slots].float() * in_quantized[..., None]
-    value_block = values[:, :q_slots].float() * in_quantized[..., None]
-    key_codes, key_scales, key_zeros = quantize_key_block(key_block, params)
+    # Rows that hold no token of the head (past its quantized rows, or past its valid ones in a partial last group)
+    # are zeroed, which keeps the file deterministic, and take no part in their key group's range.
+    real = torch.arange(q_slots, device=keys.device)[None, :] < torch.minimum(quantized, valid)[:, None]
+    key_block = keys[:, :q_slots].float() * real[..., None]
+    value_block = values[:, :q_slots].float() * real[..., None]
+    key_codes, key_scales, key_zeros = quantize_key_block(key_block, params, real)
     value_codes, value_scales, value_zeros = quantize_value_block(value_block, params)
     residual_keys = _take_residual(keys, quantized, valid, r_slots)
     residual_values = _take_residual(values, quantized, valid, r_slots)
@@ -258,11 +279,22 @@ def dequantize_layer(layer: QuantizedLayer, params: QuantizationParams, dtype: t
 
 
 # -- the arithmetic ----------------------------------------------------------------------------------------------
-def quantize_key_block(block: torch.Tensor, params: QuantizationParams):
-    """Per channel: block (H, Q, D) float32 → codes (H, Q, D'), scales and zeros (H, Q / group, D)."""
+def quantize_key_block(block: torch.Tensor, params: QuantizationParams, real: torch.Tensor | None = None):
+    """Per channel: block (H, Q, D) float32 → codes (H, Q, D'), scales and zeros (H, Q / group, D). ``real`` (H, Q)
+    bool, if given, marks the rows whose range counts; a group with none gets scale and zero 0."""
     heads, q_slots, dim = block.shape
-    grouped = block.reshape(heads, q_slots // params.group_size, params.group_size, dim)
-    scale, zero = _scale_and_zero(grouped.amin(dim=2), grouped.amax(dim=2), params.bits)
+    shape = (heads, q_slots // params.group_size, params.group_size, dim)
+    if real is None:
+        low = high = block.reshape(shape)
+    else:
+        rows = real[..., None]
+        low = torch.where(rows, block, float("inf")).reshape(shape)
+        high = torch.where(rows, block, float("-inf")).reshape(shape)
+    minimum, maximum = low.amin(dim=2), high.amax(dim=2)
+    if real is not None:
+        empty = ~torch.isfinite(minimum)
+        minimum, maximum = minimum.masked_fill(empty, 0.0), maximum.masked_fill(empty, 0.0)
+    scale, zero = _scale_and_zero(minimum, maximum, params.bits)
     codes = _encode(block, _expand(scale, params.group_size, 1), _expand(zero, params.group_size, 1), params.bits)
     return pack_codes(codes, params.bits), scale, zero
 
@@ -363,6 +395,7 @@ def _take_residual(front: torch.Tensor, quantized: torch.Tensor, valid: torch.Te
 def _join_front(quantized_rows: torch.Tensor, residual: torch.Tensor, quantized: torch.Tensor, valid: torch.Tensor,
                 slots: int) -> torch.Tensor:
     """Inverse of the split: (H, S, D) float32 with head h's quantized rows, then its residual rows, then zeros."""
+    quantized_rows = quantized_rows[:, :slots]  # rows past the slots (a partial last group's padding) hold nothing
     heads, q_slots, dim = quantized_rows.shape
     slot = torch.arange(slots, device=quantized_rows.device)[None, :]
     from_quantized = torch.cat([quantized_rows, quantized_rows.new_zeros((heads, slots - q_slots, dim))], dim=1)

@@ -58,6 +58,8 @@ class QuantizedLayerCache(LayerCache):
         valid, quantized = split_counts(stored.positions, params)
         front = _front_positions(stored.positions, valid)
         width = stored.key_codes.shape[1]
+        if width > front.shape[1]:  # a partial last group (quantize_tail) runs past the slots: padding rows
+            front = torch.nn.functional.pad(front, (0, width - front.shape[1]), value=PADDING_POSITION)
         rank = torch.arange(width, device=front.device)[None, :]
         self.code_positions = torch.where(rank < quantized[:, None], front[:, :width], PADDING_POSITION)
         self._code_valid = _mask_or_none(self.code_positions)
@@ -94,6 +96,11 @@ class QuantizedLayerCache(LayerCache):
             return None
         return torch.cat([_ones_if_none(codes, self.code_positions), _ones_if_none(residual, self.residual.positions)],
                          dim=1)
+
+    @property
+    def code_padding_free(self) -> torch.Tensor | None:
+        """(H, code rows) bool of the code rows that hold a token, or None when all do."""
+        return self._code_valid
 
     @property
     def keys(self) -> torch.Tensor:

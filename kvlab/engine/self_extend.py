@@ -8,13 +8,14 @@ softmax in fp32. Where every visible slot is within the window of every query th
 the plain attention runs instead.
 
 Two ways to compute it, giving the same result:
-  - shared positions (every head holds the same slots, no padding: a document prefilled whole, or evicted
-    uniformly). Queries go in blocks of positions [a, b). Slots at least ``window`` behind a are grouped for every
-    query of the block: they go through the CPU flash kernel with no mask, and only the few slots in between (at
-    most ``window`` + block) are scored explicitly, pair by pair. The two parts merge by their log-sum-exp. This
-    costs about one plain attention, where scoring every pair twice cost ~10x more at 16K tokens;
-  - anything else (head-wise eviction, padding, other devices): both score matrices explicitly, in blocks of
-    queries that keep them ~32 M elements whatever the cache length.
+  - on the CPU (the flash kernel returns each row's log-sum-exp): queries go in blocks of positions [a, b). Slots
+    at least ``window`` behind a are grouped for every query of the block: they go through the flash kernel with
+    no mask, and only the few slots in between (at most ``window`` + block) are scored explicitly, pair by pair.
+    The two parts merge by their log-sum-exp. Heads that hold the same slots go in one call; otherwise
+    (head-wise eviction, padding) each head goes alone over its valid slots. This costs about one plain attention,
+    where scoring every pair twice cost ~4x more CPU at 16K tokens;
+  - elsewhere: both score matrices explicitly, in blocks of queries that keep them ~32 M elements whatever the
+    cache length.
 """
 
 from __future__ import annotations
@@ -57,9 +58,20 @@ def self_extend_attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     query_shift = query_positions // size + (window - window // size) - query_positions
     queries = query[0].reshape(kv_heads, group, count, dim)
     grouped_queries = rotate_by(queries, query_shift, spec.rope_theta)
-    if _shares_positions(positions, valid) and flash_available(query):
-        return _split_attend(queries, grouped_queries, keys[0], grouped_keys, values[0], positions[0],
-                             query_positions, scale, window).reshape(1, kv_heads * group, count, dim)
+    if flash_available(query):
+        if _shares_positions(positions, valid):
+            output = _split_attend(queries, grouped_queries, keys[0], grouped_keys, values[0], positions[0],
+                                   query_positions, scale, window)
+        else:  # heads hold different slots (head-wise eviction, padding): one head at a time, its valid slots
+            heads = []
+            for head in range(kv_heads):
+                held = valid[head].nonzero().flatten()
+                heads.append(_split_attend(
+                    queries[head:head + 1], grouped_queries[head:head + 1], keys[0, head:head + 1, held],
+                    grouped_keys[head:head + 1, held], values[0, head:head + 1, held], positions[head, held],
+                    query_positions, scale, window))
+            output = torch.cat(heads)
+        return output.reshape(1, kv_heads * group, count, dim)
     slots = keys.shape[2]
     block = max(1, SCORE_ELEMENTS_PER_BLOCK // max(1, kv_heads * group * slots))
     outputs = []

@@ -127,10 +127,12 @@ class CacheMeta:
             values["layout"] = tuple(_layer_spec(item) for item in _require_list(data["layout"], "layout"))
             quantization = data["quantization"]
             if quantization is not None:
-                if not isinstance(quantization, dict) or set(quantization) != {"scheme", "group_size",
-                                                                                "residual_tokens"}:
-                    raise ParameterError("quantization must be null or {scheme, group_size, residual_tokens}")
-                values["quantization"] = QuantizationParams(**quantization)
+                names = {"scheme", "group_size", "residual_tokens"}
+                if not isinstance(quantization, dict) or set(quantization) - {"quantize_tail"} != names:
+                    raise ParameterError("quantization must be null or {scheme, group_size, residual_tokens, "
+                                         "quantize_tail}")
+                # files made before quantize_tail kept a partial last group in full precision
+                values["quantization"] = QuantizationParams(**{"quantize_tail": False, **quantization})
             return cls(**values)
         except (ParameterError, TypeError) as error:
             raise CacheMetadataError(f"{source}: invalid metadata ({error}); {RECREATE}") from None

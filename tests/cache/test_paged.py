@@ -115,6 +115,27 @@ def test_int4_pages_dequantize_only_the_selected_groups_and_equal_the_dense_rows
     assert fewer.decode_read_bytes() < pages.decode_read_bytes() < pages.held_bytes
 
 
+def test_int4_pages_without_a_residual_mask_the_missing_rows_of_the_last_group():
+    """100 tokens in pages of 8, no residual: the 13th group holds 4 tokens and 4 padding rows, which every read
+    of that page must mask."""
+    quantized = QuantizedLayerCache.from_layer(plain_layer(slots=100), QuantizationParams("int4", group_size=PAGE,
+                                                                                         residual_tokens=0))
+    assert quantized.code_slots == 104 and quantized.residual.slots == 0
+    pages = paged(quantized, read_tokens=200)
+    query = torch.randn(6, 16, generator=torch.Generator().manual_seed(5))
+    chosen = pages.select_pages(query)
+    assert chosen.shape[1] == 13
+    keys, values, mask = pages.decode_tensors(query)
+    assert mask is not None and mask.sum(dim=1).tolist() == [100, 100]
+    dense = quantized.dense()
+    for head in range(2):
+        rows = torch.cat([torch.arange(page * PAGE, (page + 1) * PAGE) for page in chosen[head].tolist()])
+        real = dense.positions[head, rows] != PADDING_POSITION
+        assert torch.equal(mask[head], real)
+        torch.testing.assert_close(keys[head][mask[head]], dense.keys[head, rows][real])
+        torch.testing.assert_close(values[head][mask[head]], dense.values[head, rows][real])
+
+
 def test_pages_must_be_the_quantization_groups():
     quantized = QuantizedLayerCache.from_layer(plain_layer(), QuantizationParams("int4"))
     with pytest.raises(ParameterError, match="--kv-quant int4:g8"):

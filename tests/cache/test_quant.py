@@ -43,6 +43,8 @@ def element_bounds(quantized_layer, params, slots):
     for head in range(heads):
         valid_slots = (layer.positions[head] != PADDING_POSITION).nonzero().flatten().tolist()
         quantized = max(len(valid_slots) - params.residual_tokens, 0) // group * group
+        if params.quantize_tail:  # no residual: the partial last group is quantized too
+            quantized = len(valid_slots)
         for rank, slot in enumerate(valid_slots[:quantized]):
             key_bound[head, slot] = layer.key_scales[head, rank // group].float() / 2
             per_channel = layer.value_scales[head, rank].float().repeat_interleave(group)[:dim]
@@ -112,6 +114,33 @@ def test_zero_residual_quantizes_every_full_group():
     quantized, restored = assert_round_trip(KVCache([layer], 96), "int8", 32, 0)
     assert quantized.layers[0].residual_keys.shape == (3, 0, 16)
     assert not torch.equal(restored.layers[0].keys[:, -1], layer.keys[:, -1])
+
+
+def test_zero_residual_quantizes_a_partial_last_group_over_its_real_rows():
+    """120 tokens in groups of 32: the last group holds 24 tokens. With no residual they are quantized too (nothing
+    stays fp32), their range is taken over those 24 rows only (the padding rows would drag it to 0), and the layer
+    holds fewer bytes than keeping them in full precision."""
+    base = random_layer(tokens=120)
+    # keys well away from 0: a padding row counted in the range would show in the zero point
+    layer = LayerCache(base.spec, base.keys + 10.0, base.values, base.positions)
+    quantized, restored = assert_round_trip(KVCache([layer], 120), "int4", 32, 0)
+    stored = quantized.layers[0]
+    assert quantized.params.quantize_tail
+    assert stored.key_codes.shape == (3, 128, 8) and stored.residual_keys.shape == (3, 0, 16)
+    tail_min = layer.keys[:, 96:].amin(dim=1)
+    assert bool((stored.key_zeros[:, 3].float() <= tail_min).all())
+    assert bool((stored.key_zeros[:, 3].float() > tail_min - 0.05).all())
+    assert not torch.equal(restored.layers[0].keys[:, -1], layer.keys[:, -1])
+    kept_tail = quantize_cache(KVCache([layer], 120), "int4", 32, 0, quantize_tail=False)
+    assert kept_tail.layers[0].residual_keys.shape == (3, 24, 16)
+    assert quantized.nbytes < kept_tail.nbytes
+
+
+def test_zero_residual_on_a_ragged_layer_pads_each_heads_last_group():
+    layer = ragged_layer(counts=(40, 97, 0))
+    quantized, restored = assert_round_trip(KVCache([layer], 120), "int4", 8, 0)
+    assert quantized.layers[0].key_codes.shape[1] == 104 and quantized.layers[0].residual_keys.shape[1] == 0
+    assert torch.equal(restored.layers[0].positions, layer.positions)
 
 
 def test_ragged_layer_round_trip():

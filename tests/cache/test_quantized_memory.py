@@ -4,6 +4,7 @@ tokens a group at a time, and forks independently."""
 import pytest
 import torch
 
+from kvlab.cache.kvcache import KVCache
 from kvlab.cache.quant import QuantizationParams, dequantize_cache, quantize_cache
 from kvlab.cache.quantized import QuantizedLayerCache, from_stored, quantize_in_memory
 from kvlab.engine import Engine
@@ -26,20 +27,25 @@ def caches(request):
 
 @pytest.mark.parametrize("scheme", ["int8", "int4", "int2"])
 @pytest.mark.parametrize("kind", ["plain", "ragged"])
-def test_decodes_like_the_dequantized_cache(caches, scheme, kind):
+@pytest.mark.parametrize("residual", [8, 0])  # 0: each head's partial last group is quantized, its rest padding
+def test_decodes_like_the_dequantized_cache(caches, scheme, kind, residual):
     engine, by_kind = caches
     cache = by_kind[kind]
-    params = QuantizationParams(scheme, group_size=16, residual_tokens=8)
-    reference = dequantize_cache(quantize_cache(cache, scheme, 16, 8))
-    held = quantize_in_memory(cache, params, sliding=False)  # sliding layers as the file's (tested on their own)
+    params = QuantizationParams(scheme, group_size=16, residual_tokens=residual)
+    file_form = dequantize_cache(quantize_cache(cache, scheme, 16, residual))  # every layer through the codes
+    # held in memory, sliding layers stay as they are here (their own scheme is tested on its own)
+    reference = KVCache([restored if restored.spec.kind == "full" else original.fork()
+                         for restored, original in zip(file_form.layers, cache.layers)], cache.num_tokens)
+    held = quantize_in_memory(cache, params, sliding=False)
     assert all(isinstance(layer, QuantizedLayerCache) == (layer.spec.kind == "full") for layer in held.layers)
     assert held.held_bytes < reference.held_bytes
     new = random_ids(40, 1)
     expected = ModelRunner(engine.model, reference.fork()).feed(new, logits_to_keep=40)
     actual = ModelRunner(engine.model, held.fork()).feed(new, logits_to_keep=40)
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
-    loaded = from_stored(quantize_cache(cache, scheme, 16, 8))  # a .kv payload, used as it is
-    torch.testing.assert_close(ModelRunner(engine.model, loaded).feed(new, logits_to_keep=40), expected,
+    loaded = from_stored(quantize_cache(cache, scheme, 16, residual))  # a .kv payload, used as it is
+    torch.testing.assert_close(ModelRunner(engine.model, loaded).feed(new, logits_to_keep=40),
+                               ModelRunner(engine.model, file_form.fork()).feed(new, logits_to_keep=40),
                                atol=1e-4, rtol=1e-4)
 
 

@@ -45,7 +45,12 @@ class FakeLayer:
         self.spec, self.positions = spec, positions
 
 
-def test_attention_matches_the_papers_definition_with_padding_and_eviction_gaps():
+@pytest.mark.parametrize("flash", [True, False])  # False: the explicit path other devices take
+def test_attention_matches_the_papers_definition_with_padding_and_eviction_gaps(flash, monkeypatch):
+    import kvlab.engine.self_extend as module
+
+    if not flash:
+        monkeypatch.setattr(module, "flash_available", lambda query: False)
     torch.manual_seed(0)
     kv_heads, group_heads, dim, group, window = 2, 3, 16, 4, 6
     spec = LayerSpec("full", kv_heads, kv_heads * group_heads, dim, None, rope_theta=THETA)

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from kvlab.cache.kvcache import KVCache, LayerCache
+from kvlab.cache.kvcache import PADDING_POSITION, KVCache, LayerCache
 from kvlab.cache.layout import LayerSpec
 from kvlab.cache.quant import QuantizationParams
 from kvlab.errors import CorruptCacheError, MissingCacheFileError, ParameterError, UnknownCacheEntryError
@@ -50,6 +50,10 @@ def test_default_root_follows_kvlab_cache_dir(tmp_path, monkeypatch):
     assert CacheStore().root == tmp_path / "cache" / "kv"
 
 
+KEY_BASE = dict(model_fingerprint="0123456789abcdef", text_sha256="0" * 64, policy="snapkv", policy_params={},
+                ratio=0.5, budget_tokens=None, query_aware=False, quantization=None)
+
+
 def test_key_is_stable_and_covers_every_input():
     base = dict(model_fingerprint="0123456789abcdef", text_sha256="0" * 64, policy="snapkv",
                 policy_params={"window_tokens": 32, "kernel_size": 7}, ratio=0.5, budget_tokens=None,
@@ -63,6 +67,29 @@ def test_key_is_stable_and_covers_every_input():
     assert len(keys | {key}) == len(changes) + 1
     assert key_for(**dict(base, quantization=QuantizationParams("int4"))) == key_for(
         **dict(base, quantization={"scheme": "int4", "group_size": 32, "residual_tokens": 32}))
+
+
+@pytest.mark.parametrize("quantize_tail", [False, True])
+def test_a_quantized_file_loads_with_the_tail_rule_it_was_made_with(tmp_path, quantize_tail):
+    """Files made before ``quantize_tail`` existed hold no such key and kept a partial last key group in full
+    precision; they must load that way, under the store key they were written with. New files say so."""
+    from kvlab.cache.quant import dequantize_cache, quantize_cache
+    from kvlab.store.format import load_cache
+
+    cache = small_cache(tokens=45)
+    quantized = quantize_cache(cache, "int4", 8, 0, quantize_tail=quantize_tail)
+    data = quantized.params.to_dict()
+    assert ("quantize_tail" in data) == quantize_tail
+    assert key_for(**dict(KEY_BASE, quantization=quantized.params)) == key_for(**dict(KEY_BASE, quantization=data))
+    meta = small_meta(cache, quantization=quantized.params)
+    save_cache(tmp_path / "c.kv", quantized, meta)
+    loaded = load_cache(tmp_path / "c.kv")
+    assert loaded.meta.quantization == quantized.params
+    held, expected = loaded.cache.dense().layers[0], dequantize_cache(quantized).layers[0]
+    assert held.slots == (48 if quantize_tail else 45)  # a partial last group: its missing rows are padding
+    real = held.positions[0] != PADDING_POSITION
+    assert torch.equal(held.positions[:, real], expected.positions)
+    torch.testing.assert_close(held.keys[:, real], expected.keys)
 
 
 def test_put_get_list_and_load(store):
