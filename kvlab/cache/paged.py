@@ -49,7 +49,8 @@ class PagedLayerCache(LayerCache):
     new: LayerCache
 
     def __init__(self, base: LayerCache, *, page_tokens: int, read_tokens: int, sink_tokens: int,
-                 recent_tokens: int, question_share: float = 0.0, new: LayerCache | None = None) -> None:
+                 recent_tokens: int, question_share: float = 0.0, follow_pages: int = 0,
+                 new: LayerCache | None = None) -> None:
         if base.spec.kind != "full":
             raise ValueError("only full-attention layers are paged")
         if isinstance(base, PagedLayerCache):
@@ -67,6 +68,7 @@ class PagedLayerCache(LayerCache):
         self.sink_tokens = sink_tokens
         self.recent_tokens = recent_tokens
         self.question_share = question_share
+        self.follow_pages = follow_pages
         self.question_pages: torch.Tensor | None = None  # (kv_heads, m): pages the last question attended most
         low, high = page_summaries(base, page_tokens)
         # one (kv_heads, 2 * head_dim, pages) operand: a step's bounds are one matrix product, [q+, q-] @ [max; min]
@@ -109,7 +111,7 @@ class PagedLayerCache(LayerCache):
         added since (default: none) and ``question_pages`` as the question's pages (default: no question yet)."""
         twin = PagedLayerCache(base, page_tokens=self.page_tokens, read_tokens=self.read_tokens,
                                sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens,
-                               question_share=self.question_share, new=new)
+                               question_share=self.question_share, follow_pages=self.follow_pages, new=new)
         if question_pages is not None:
             twin.question_pages = question_pages.to(twin.summary.device)
             twin._forced = twin._forced_pages()
@@ -207,8 +209,11 @@ class PagedLayerCache(LayerCache):
         """Remember the pages the newest question attends to most, read at every following decode step as the
         sink and recent pages are: ``question_share`` of the per-step budget. ``queries`` (query_heads, w, head_dim)
         are the question's last rotated queries; their softmax attention over the paged slots is summed per page
-        over the queries and the query heads sharing each KV head. A no-op when ``question_share`` is 0 (Quest as
-        published)."""
+        over the queries and the query heads sharing each KV head. With ``follow_pages`` k, a page ranks by the
+        most mass of itself and the k pages before it (a one-sided max pool, as SnapKV pools token scores), so the
+        pages that follow what the question matched are read with it: an answer is usually the text after the
+        key the question names, and a page boundary may fall inside it. A no-op when ``question_share`` is 0
+        (Quest as published)."""
         free = self.read_pages() - self._sink_pages() - self._recent_pages()
         wanted = min(free, int(self.question_share * self.read_pages()))
         if wanted <= 0 or not self.pages:
@@ -223,6 +228,9 @@ class PagedLayerCache(LayerCache):
         if padding is not None:
             weights = weights * padding[:, None, :paged]
         mass = weights.sum(dim=1).reshape(spec.kv_heads, self.pages, self.page_tokens).sum(dim=-1)
+        if self.follow_pages:
+            before = torch.nn.functional.pad(mass, (self.follow_pages, 0))
+            mass = before.unfold(1, self.follow_pages + 1, 1).amax(dim=-1)
         self.question_pages = mass.topk(wanted, dim=1).indices
         self._forced = self._forced_pages()
 
@@ -378,8 +386,8 @@ def _compute_dtype(layer: LayerCache) -> torch.dtype:
 
 
 def page_cache_layers(layers: list[LayerCache], *, page_tokens: int, read_tokens: int, sink_tokens: int,
-                      recent_tokens: int, question_share: float = 0.0) -> list[LayerCache]:
+                      recent_tokens: int, question_share: float = 0.0, follow_pages: int = 0) -> list[LayerCache]:
     """Every full-attention layer paged (sliding-window ones, already small, pass through)."""
     return [PagedLayerCache(layer, page_tokens=page_tokens, read_tokens=read_tokens, sink_tokens=sink_tokens,
-                            recent_tokens=recent_tokens, question_share=question_share)
+                            recent_tokens=recent_tokens, question_share=question_share, follow_pages=follow_pages)
             if layer.spec.kind == "full" else layer for layer in layers]

@@ -38,6 +38,8 @@ class Quest(Policy):
                               unit="layers", minimum=0)
     question_share: float = param(0.5, "share of the per-step budget held by the pages the question attended most "
                                   "(0: Quest as published)", minimum=0.0, maximum=1.0)
+    follow_pages: int = param(1, "pages after each page the question attended to that rank with it (the answer "
+                              "follows the key it names)", unit="pages", minimum=0, maximum=8)
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         return torch.zeros(inputs.positions.shape)
@@ -48,5 +50,6 @@ class Quest(Policy):
     def arrange(self, cache: KVCache, budget_tokens: int) -> KVCache:
         paged = page_cache_layers(cache.layers[self.dense_layers:], page_tokens=self.page_tokens,
                                   read_tokens=budget_tokens, sink_tokens=self.sink_tokens,
-                                  recent_tokens=self.recent_tokens, question_share=self.question_share)
+                                  recent_tokens=self.recent_tokens, question_share=self.question_share,
+                                  follow_pages=self.follow_pages)
         return KVCache(layers=cache.layers[:self.dense_layers] + paged, num_tokens=cache.num_tokens)

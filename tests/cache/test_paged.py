@@ -136,6 +136,27 @@ def test_int4_pages_without_a_residual_mask_the_missing_rows_of_the_last_group()
         torch.testing.assert_close(values[head][mask[head]], dense.values[head, rows][real])
 
 
+def test_follow_pages_rank_the_page_after_what_the_question_attended_to_with_it():
+    """follow_pages=1: a page ranks by the most mass of itself and the page before, so the page after the one the
+    question attended to most comes with it (an answer follows the key; a page boundary may cut it)."""
+    layer = plain_layer()  # 12 pages of 8
+    queries = torch.randn(6, 5, 16, generator=torch.Generator().manual_seed(7))
+    weights = torch.softmax(torch.einsum("hqd,hsd->hqs", queries.reshape(2, 15, 16), layer.keys) * 0.25, dim=-1)
+    mass = weights.sum(dim=1).reshape(2, 12, PAGE).sum(dim=-1)
+    pooled = torch.maximum(mass, torch.cat([torch.zeros(2, 1), mass[:, :-1]], dim=1))
+    pages = PagedLayerCache(layer, page_tokens=PAGE, read_tokens=48, sink_tokens=4, recent_tokens=8,
+                            question_share=0.5, follow_pages=1)
+    pages.observe_question(queries, 0.25)
+    assert pages.question_pages is not None
+    for head in range(2):
+        chosen = set(pages.question_pages[head].tolist())
+        assert len(chosen) == 3
+        assert all(float(pooled[head, page]) >= float(pooled[head].topk(3).values[-1]) - 1e-6 for page in chosen)
+        top = int(mass[head, :11].argmax())
+        assert {top, top + 1} <= chosen
+    assert pages.clone().follow_pages == 1
+
+
 def test_pages_must_be_the_quantization_groups():
     quantized = QuantizedLayerCache.from_layer(plain_layer(), QuantizationParams("int4"))
     with pytest.raises(ParameterError, match="--kv-quant int4:g8"):
