@@ -540,7 +540,8 @@ def _multi_request(engine, sample, cells, wanted, request, force, outcome):
                 stored = cache
             else:
                 params = parse_quantization(cell.quantization)
-                stored = quantize_cache(cache.dense(), params.scheme, params.group_size, params.residual_tokens)
+                stored = quantize_cache(cache.dense(), params.scheme, params.group_size, params.residual_tokens,
+                                        params.quantize_tail)
             path = Path(folder) / "cell.kv"
             meta = meta_for(engine.loaded, stored, text=sample.context, policy=cell.policy, ratio=cell.ratio,
                             budget_tokens=costs["budget_tokens"], query_aware=False,

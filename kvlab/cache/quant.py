@@ -16,13 +16,14 @@ Choices and deviations from the reference code (jy-yuan/KIVI), which quantizes a
     ``residual_tokens`` and ``residual_tokens + group_size - 1`` tokens, or all of them in a short head) is the
     residual. KIVI sends the tokens that do not fill a key group to the residual too, but keeps exactly
     ``residual_tokens`` values; sharing the split keeps one residual tensor pair and one boundary per head.
-  - With no residual (``residual_tokens=0``, ``quantize_tail``) the last key group may be partial: its per-channel
-    range is taken over its real rows and its missing rows are padding, so nothing stays in full precision. A
-    cache stored whole before any question (a ``.kv`` file, ``kvlab compress``) then holds no fp32 tail: at 1K
-    tokens and a 3/8 budget that tail was ~12% of the held bytes. A padded group costs about as much as 5 fp32
-    tokens at SmolLM2's shapes (group 32, head_dim 64), so a tail that short holds a few hundred bytes more; an
-    average tail (half a group) holds ~3x less. ``.kv`` files written before this option load
-    with ``quantize_tail=False``, as they were made.
+  - Opt-in (``quantize_tail``, label ``int4:r0:tail``), with no residual: the last key group may be partial, its
+    per-channel range taken over its real rows and its missing rows padding, so nothing stays in full precision.
+    At 1K tokens and a 3/8 budget the fp32 tail was ~12% of the held bytes (kvzip @ 0.625 + int4:r0 then holds
+    0.119 of the fp16 full cache instead of 0.127). A padded group costs about as much as 5 fp32 tokens at
+    SmolLM2's shapes (group 32, head_dim 64), so a tail that short holds a few hundred bytes more; an average tail
+    (half a group) holds ~3x less. Not the default: on 16 RULER samples it scored 0.616 where the full cache
+    scored 0.766 (``benchmarks/results/agnostic_smollm2_tail``), too few to tell from noise, and below what the
+    fp32 tail scored on another run. Files record it only when set.
   - A head_dim that ``group_size`` does not divide gets a smaller last value group (min/max over the real channels).
   - Scales and zero points are fp16, as in KIVI (fp32 would add half again to int4's bytes at group 32). The zero
     point is rounded down and the scale up to fp16, and codes are computed against those stored values, so every
@@ -57,13 +58,13 @@ FP16_MAX = torch.finfo(torch.float16).max
 @dataclass(frozen=True)
 class QuantizationParams:
     """``group_size``: tokens per key group and channels per value group; ``residual_tokens``: recent tokens per
-    head kept in full precision; ``quantize_tail``: with no residual, quantize a last partial key group too (the
-    default when ``residual_tokens`` is 0; False keeps it in full precision, as files made before it did)."""
+    head kept in full precision; ``quantize_tail``: with no residual, quantize a last partial key group too
+    (opt-in; otherwise its tokens stay in full precision)."""
 
     scheme: str
     group_size: int = DEFAULT_GROUP_SIZE
     residual_tokens: int = DEFAULT_RESIDUAL_TOKENS
-    quantize_tail: bool | None = None
+    quantize_tail: bool = False
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEME_BITS:
@@ -75,9 +76,7 @@ class QuantizationParams:
                 or self.residual_tokens < 0):
             raise ParameterError(f"quantization residual_tokens must be an integer >= 0 (recent tokens kept in full "
                                  f"precision; default {DEFAULT_RESIDUAL_TOKENS}), got {self.residual_tokens!r}")
-        if self.quantize_tail is None:
-            object.__setattr__(self, "quantize_tail", self.residual_tokens == 0)
-        elif self.quantize_tail and self.residual_tokens:
+        if self.quantize_tail and self.residual_tokens:
             raise ParameterError("quantize_tail needs residual_tokens=0 (a residual already holds the last tokens)")
 
     @property
@@ -91,26 +90,33 @@ class QuantizationParams:
 
     @property
     def label(self) -> str:
-        """The short form ``parse_quantization`` reads back: ``int4``, ``int4:g64``, ``int4:r0``, ``int2:g64:r8``."""
+        """The short form ``parse_quantization`` reads back: ``int4``, ``int4:g64``, ``int4:r0``, ``int2:g64:r8``,
+        ``int4:r0:tail``."""
         parts = [self.scheme]
         if self.group_size != DEFAULT_GROUP_SIZE:
             parts.append(f"g{self.group_size}")
         if self.residual_tokens != DEFAULT_RESIDUAL_TOKENS:
             parts.append(f"r{self.residual_tokens}")
+        if self.quantize_tail:
+            parts.append("tail")
         return ":".join(parts)
 
 
 def parse_quantization(label: str) -> QuantizationParams:
-    """``SCHEME[:gGROUP][:rRESIDUAL]``, e.g. ``int4``, ``int4:r0`` (no full-precision residual) or ``int2:g64:r8``."""
+    """``SCHEME[:gGROUP][:rRESIDUAL][:tail]``, e.g. ``int4``, ``int4:r0`` (no full-precision residual),
+    ``int2:g64:r8`` or ``int4:r0:tail`` (a last partial key group quantized too)."""
     scheme, *options = label.strip().lower().split(":")
     settings = {"group_size": DEFAULT_GROUP_SIZE, "residual_tokens": DEFAULT_RESIDUAL_TOKENS}
+    tail = "tail" in options
+    options = [option for option in options if option != "tail"]
     for option in options:
         name = {"g": "group_size", "r": "residual_tokens"}.get(option[:1])
         if name is None or not option[1:].isdigit():
-            raise ParameterError(f"cannot read quantization {label!r}: write SCHEME[:gGROUP][:rRESIDUAL], "
+            raise ParameterError(f"cannot read quantization {label!r}: write SCHEME[:gGROUP][:rRESIDUAL][:tail], "
                                  f"e.g. int4, int4:r0 or int2:g64:r8")
         settings[name] = int(option[1:])
-    return QuantizationParams(scheme, group_size=settings["group_size"], residual_tokens=settings["residual_tokens"])
+    return QuantizationParams(scheme, group_size=settings["group_size"], residual_tokens=settings["residual_tokens"],
+                              quantize_tail=tail)
 
 
 @dataclass
@@ -213,7 +219,7 @@ def expected_shapes(spec: LayerSpec, positions: torch.Tensor, params: Quantizati
 
 def quantize_cache(cache: KVCache, scheme: str, group_size: int = DEFAULT_GROUP_SIZE,
                    residual_tokens: int = DEFAULT_RESIDUAL_TOKENS,
-                   quantize_tail: bool | None = None) -> QuantizedKVCache:
+                   quantize_tail: bool = False) -> QuantizedKVCache:
     """Quantize every layer (full and sliding) of ``cache``; ``cache`` is left untouched.
 
     Raises ParameterError for an unknown scheme, a group size < 1, residual_tokens < 0, or values that are not

@@ -170,7 +170,8 @@ def compress_document(engine: Engine, text: str, policy: Policy, *, ratio: float
         full_bytes, last_logits, prefill_s = result.cache.held_bytes, result.last_logits, result.seconds
         del result  # the full cache is freed before the file is written
     stored = cache if quantization is None else quantize_cache(cache, quantization.scheme, quantization.group_size,
-                                                                quantization.residual_tokens)
+                                                                quantization.residual_tokens,
+                                                                quantization.quantize_tail)
     held = from_stored(stored).held_bytes if isinstance(stored, QuantizedKVCache) else cache.held_bytes
     meta = meta_for(engine.loaded, stored, text=text, policy=policy, ratio=ratio, budget_tokens=budget,
                     query_aware=False, context_tokens=context_tokens,
@@ -280,7 +281,8 @@ def save_conversation(path: str | Path, engine: Engine, conversation: Conversati
     quantization = quantization_of(cache)
     # a quantized chat is saved quantized (its dense form re-encoded with the same scheme), never expanded on disk
     stored = cache if quantization is None else quantize_cache(cache.dense(), quantization.scheme,
-                                                                quantization.group_size, quantization.residual_tokens)
+                                                                quantization.group_size, quantization.residual_tokens,
+                                                                quantization.quantize_tail)
     extra = {**meta.extra, "turns": conversation.answered, "pending_token_ids": conversation.pending_ids,
              **memory_figures(int(meta.extra.get("kv_bytes_full", 0)), cache.held_bytes, cache.kv_bytes_full_fp16),
              "kv_bytes_stored": stored.nbytes if isinstance(stored, QuantizedKVCache) else cache.held_bytes}

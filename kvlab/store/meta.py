@@ -131,8 +131,7 @@ class CacheMeta:
                 if not isinstance(quantization, dict) or set(quantization) - {"quantize_tail"} != names:
                     raise ParameterError("quantization must be null or {scheme, group_size, residual_tokens, "
                                          "quantize_tail}")
-                # files made before quantize_tail kept a partial last group in full precision
-                values["quantization"] = QuantizationParams(**{"quantize_tail": False, **quantization})
+                values["quantization"] = QuantizationParams(**quantization)
             return cls(**values)
         except (ParameterError, TypeError) as error:
             raise CacheMetadataError(f"{source}: invalid metadata ({error}); {RECREATE}") from None

@@ -119,7 +119,8 @@ def test_int4_pages_without_a_residual_mask_the_missing_rows_of_the_last_group()
     """100 tokens in pages of 8, no residual: the 13th group holds 4 tokens and 4 padding rows, which every read
     of that page must mask."""
     quantized = QuantizedLayerCache.from_layer(plain_layer(slots=100), QuantizationParams("int4", group_size=PAGE,
-                                                                                         residual_tokens=0))
+                                                                                         residual_tokens=0,
+                                                                                         quantize_tail=True))
     assert quantized.code_slots == 104 and quantized.residual.slots == 0
     pages = paged(quantized, read_tokens=200)
     query = torch.randn(6, 16, generator=torch.Generator().manual_seed(5))

@@ -52,8 +52,9 @@ def element_bounds(quantized_layer, params, slots):
     return key_bound, value_bound
 
 
-def assert_round_trip(cache: KVCache, scheme: str, group_size=32, residual_tokens=32, extra_tolerance=0.0):
-    quantized = quantize_cache(cache, scheme, group_size, residual_tokens)
+def assert_round_trip(cache: KVCache, scheme: str, group_size=32, residual_tokens=32, extra_tolerance=0.0,
+                      quantize_tail=False):
+    quantized = quantize_cache(cache, scheme, group_size, residual_tokens, quantize_tail)
     restored = dequantize_cache(quantized)
     assert restored.num_tokens == cache.num_tokens
     assert len(restored.layers) == len(cache.layers)
@@ -123,7 +124,7 @@ def test_zero_residual_quantizes_a_partial_last_group_over_its_real_rows():
     base = random_layer(tokens=120)
     # keys well away from 0: a padding row counted in the range would show in the zero point
     layer = LayerCache(base.spec, base.keys + 10.0, base.values, base.positions)
-    quantized, restored = assert_round_trip(KVCache([layer], 120), "int4", 32, 0)
+    quantized, restored = assert_round_trip(KVCache([layer], 120), "int4", 32, 0, quantize_tail=True)
     stored = quantized.layers[0]
     assert quantized.params.quantize_tail
     assert stored.key_codes.shape == (3, 128, 8) and stored.residual_keys.shape == (3, 0, 16)
@@ -138,7 +139,7 @@ def test_zero_residual_quantizes_a_partial_last_group_over_its_real_rows():
 
 def test_zero_residual_on_a_ragged_layer_pads_each_heads_last_group():
     layer = ragged_layer(counts=(40, 97, 0))
-    quantized, restored = assert_round_trip(KVCache([layer], 120), "int4", 8, 0)
+    quantized, restored = assert_round_trip(KVCache([layer], 120), "int4", 8, 0, quantize_tail=True)
     assert quantized.layers[0].key_codes.shape[1] == 104 and quantized.layers[0].residual_keys.shape[1] == 0
     assert torch.equal(restored.layers[0].positions, layer.positions)
 

@@ -27,12 +27,13 @@ def caches(request):
 
 @pytest.mark.parametrize("scheme", ["int8", "int4", "int2"])
 @pytest.mark.parametrize("kind", ["plain", "ragged"])
-@pytest.mark.parametrize("residual", [8, 0])  # 0: each head's partial last group is quantized, its rest padding
+@pytest.mark.parametrize("residual", [8, 0])  # 0 (quantize_tail): each head's partial last group quantized too
 def test_decodes_like_the_dequantized_cache(caches, scheme, kind, residual):
     engine, by_kind = caches
     cache = by_kind[kind]
-    params = QuantizationParams(scheme, group_size=16, residual_tokens=residual)
-    file_form = dequantize_cache(quantize_cache(cache, scheme, 16, residual))  # every layer through the codes
+    tail = residual == 0
+    params = QuantizationParams(scheme, group_size=16, residual_tokens=residual, quantize_tail=tail)
+    file_form = dequantize_cache(quantize_cache(cache, scheme, 16, residual, tail))  # every layer through the codes
     # held in memory, sliding layers stay as they are here (their own scheme is tested on its own)
     reference = KVCache([restored if restored.spec.kind == "full" else original.fork()
                          for restored, original in zip(file_form.layers, cache.layers)], cache.num_tokens)
@@ -43,7 +44,7 @@ def test_decodes_like_the_dequantized_cache(caches, scheme, kind, residual):
     expected = ModelRunner(engine.model, reference.fork()).feed(new, logits_to_keep=40)
     actual = ModelRunner(engine.model, held.fork()).feed(new, logits_to_keep=40)
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
-    loaded = from_stored(quantize_cache(cache, scheme, 16, residual))  # a .kv payload, used as it is
+    loaded = from_stored(quantize_cache(cache, scheme, 16, residual, tail))  # a .kv payload, used as it is
     torch.testing.assert_close(ModelRunner(engine.model, loaded).feed(new, logits_to_keep=40),
                                ModelRunner(engine.model, file_form.fork()).feed(new, logits_to_keep=40),
                                atol=1e-4, rtol=1e-4)

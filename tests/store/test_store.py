@@ -71,8 +71,9 @@ def test_key_is_stable_and_covers_every_input():
 
 @pytest.mark.parametrize("quantize_tail", [False, True])
 def test_a_quantized_file_loads_with_the_tail_rule_it_was_made_with(tmp_path, quantize_tail):
-    """Files made before ``quantize_tail`` existed hold no such key and kept a partial last key group in full
-    precision; they must load that way, under the store key they were written with. New files say so."""
+    """Files without ``quantize_tail`` (all files made before it existed) hold no such key and keep a partial last
+    key group in full precision; they load that way, under the store key they were written with. A file made with
+    it says so and loads with it."""
     from kvlab.cache.quant import dequantize_cache, quantize_cache
     from kvlab.store.format import load_cache
 
