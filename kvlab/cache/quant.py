@@ -19,7 +19,7 @@ Choices and deviations from the reference code (jy-yuan/KIVI), which quantizes a
   - Opt-in (``quantize_tail``, label ``int4:r0:tail``), with no residual: the last key group may be partial, its
     per-channel range taken over its real rows and its missing rows padding, so nothing stays in full precision.
     At 1K tokens and a 3/8 budget the fp32 tail was ~12% of the held bytes (kvzip @ 0.625 + int4:r0 then holds
-    0.119 of the fp16 full cache instead of 0.127). A padded group costs about as much as 5 fp32 tokens at
+    0.120 of the fp16 full cache instead of 0.127). A padded group costs about as much as 5 fp32 tokens at
     SmolLM2's shapes (group 32, head_dim 64), so a tail that short holds a few hundred bytes more; an average tail
     (half a group) holds ~3x less. Not the default: on 16 RULER samples it scored 0.616 where the full cache
     scored 0.766 (``benchmarks/results/agnostic_smollm2_tail``), too few to tell from noise, and below what the
@@ -76,6 +76,8 @@ class QuantizationParams:
                 or self.residual_tokens < 0):
             raise ParameterError(f"quantization residual_tokens must be an integer >= 0 (recent tokens kept in full "
                                  f"precision; default {DEFAULT_RESIDUAL_TOKENS}), got {self.residual_tokens!r}")
+        if not isinstance(self.quantize_tail, bool):
+            raise ParameterError(f"quantization quantize_tail must be true or false, got {self.quantize_tail!r}")
         if self.quantize_tail and self.residual_tokens:
             raise ParameterError("quantize_tail needs residual_tokens=0 (a residual already holds the last tokens)")
 

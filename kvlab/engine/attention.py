@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from kvlab.cache.kvcache import PADDING_POSITION, KVCache, LayerCache
 from kvlab.cache.layout import LayerSpec
 from kvlab.cache.paged import PagedLayerCache
-from kvlab.engine.kernels import flash_available, merge_by_lse
+from kvlab.engine.kernels import flash_available, flash_with_lse, merge_by_lse
 from kvlab.engine.self_extend import needs_grouping, self_extend_attend
 from kvlab.errors import UnsupportedModelError
 from kvlab.models.extension import SelfExtend
@@ -146,16 +146,15 @@ def _decode(query, keys, values, spec: LayerSpec, padding: torch.Tensor | None, 
 def _past_plus_causal(query, keys, values, spec: LayerSpec, past: int, scale: float) -> torch.Tensor:
     """Attention over ``past`` unmasked slots and a causal new-by-new block, merged by log-sum-exp: no mask over
     the past is ever built."""
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     _, heads, count, dim = query.shape
     group = spec.group_size
     grouped = query.reshape(1, spec.kv_heads, group * count, dim)
-    past_out, past_lse = flash(grouped, keys[:, :, :past], values[:, :, :past], 0.0, False, scale=scale)[:2]
+    past_out, past_lse = flash_with_lse(grouped, keys[:, :, :past], values[:, :, :past], causal=False, scale=scale)
     past_out = past_out.reshape(1, heads, count, dim)
     past_lse = past_lse.reshape(1, heads, count)
     new_keys = keys[:, :, past:].repeat_interleave(group, dim=1)
     new_values = values[:, :, past:].repeat_interleave(group, dim=1)
-    new_out, new_lse = flash(query, new_keys, new_values, 0.0, True, scale=scale)[:2]
+    new_out, new_lse = flash_with_lse(query, new_keys, new_values, causal=True, scale=scale)
     return merge_by_lse([(past_out, past_lse), (new_out, new_lse)]).to(query.dtype)
 
 

@@ -1,6 +1,6 @@
-"""Two attention mechanics shared by kvlab's attention paths (``engine.attention``, ``engine.self_extend``): whether
-the CPU flash kernel, which returns each row's log-sum-exp, can run; and merging attention results computed over
-disjoint key sets by those log-sum-exps, so that a part needing no mask never builds one."""
+"""Attention mechanics shared by kvlab's attention paths (``engine.attention``, ``engine.self_extend``): the CPU
+flash kernel, which returns each row's log-sum-exp, and whether it can run; and merging attention results computed
+over disjoint key sets by those log-sum-exps, so that a part needing no mask never builds one."""
 
 from __future__ import annotations
 
@@ -10,6 +10,15 @@ import torch
 def flash_available(query: torch.Tensor) -> bool:
     return query.device.type == "cpu" and query.dtype in (torch.float32, torch.bfloat16) and hasattr(
         torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def flash_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, causal: bool,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU flash kernel (``flash_available``): query (1, H, q, d) over keys, values (1, H, S, d), no mask
+    (causal or not) → output (1, H, q, d) and each row's log-sum-exp (1, H, q)."""
+    output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, keys, values, 0.0, causal,
+                                                                             scale=scale)[:2]
+    return output, lse
 
 
 def merge_by_lse(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 
 from kvlab.cache.kvcache import PADDING_POSITION, LayerCache
 from kvlab.cache.rope import rotate_by
-from kvlab.engine.kernels import flash_available, merge_by_lse
+from kvlab.engine.kernels import flash_available, flash_with_lse, merge_by_lse
 from kvlab.errors import UnsupportedModelError
 from kvlab.models.extension import SelfExtend
 
@@ -98,7 +98,6 @@ def _split_attend(queries: torch.Tensor, grouped_queries: torch.Tensor, keys: to
     """queries, grouped_queries (kv_heads, group, q, d) over keys, grouped_keys, values (kv_heads, S, d) whose slots
     all sit at ``positions`` (S,); returns (kv_heads, group, q, d). Queries go in blocks; within one, the slots
     every query groups take the flash kernel unmasked, the others are scored pair by pair, and the two merge."""
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     kv_heads, group, count, dim = queries.shape
     block = max(1, min(count, SCORE_ELEMENTS_PER_BLOCK // max(1, kv_heads * group * (window + count))))
     outputs = []
@@ -111,8 +110,8 @@ def _split_attend(queries: torch.Tensor, grouped_queries: torch.Tensor, keys: to
         parts = []
         if far.numel():
             far_queries = grouped_queries[:, :, start:start + block].reshape(1, kv_heads, group * rows, dim)
-            out, lse = flash(far_queries, grouped_keys.index_select(1, far)[None], values.index_select(1, far)[None],
-                             0.0, False, scale=scale)[:2]
+            out, lse = flash_with_lse(far_queries, grouped_keys.index_select(1, far)[None],
+                                      values.index_select(1, far)[None], causal=False, scale=scale)
             parts.append((out.reshape(kv_heads, group, rows, dim).float(), lse.reshape(kv_heads, group, rows)))
         if near.numel():
             near_positions = positions.index_select(0, near)

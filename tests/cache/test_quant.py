@@ -248,6 +248,8 @@ def test_bytes_at_smollm2_shapes(scheme, fp16_ratio, fp32_ratio):
     ({"scheme": "int8", "group_size": 1.5}, "positive integer"),
     ({"scheme": "int8", "group_size": True}, "positive integer"),
     ({"scheme": "int8", "residual_tokens": -1}, ">= 0"),
+    ({"scheme": "int4", "residual_tokens": 0, "quantize_tail": "yes"}, "true or false"),
+    ({"scheme": "int4", "quantize_tail": True}, "needs residual_tokens=0"),
 ])
 def test_bad_parameters(kwargs, match):
     cache = KVCache([random_layer()], 100)
