@@ -14,6 +14,11 @@ a ``QuantizedLayerCache``. A quantized layer's pages are its key groups, whose p
 already are the summary (min = zero, max = zero + scale * (2**bits - 1)); only the selected groups are dequantized.
 Multi-token steps (a question, a prefill chunk) attend over every slot, as in Quest, whose sparsity is for decoding.
 
+Under Self-Extend a decode query scores far slots at grouped positions, so their bound comes from a second summary,
+of the keys moved to p // group (computed once per group size, on first use, as the keys never move again), against
+the grouped query; a page within the neighbour window keeps the plain bound, and a page across the window's edge
+takes the larger of the two. The pages read are then exactly those a plain decode step would pick for these scores.
+
 Deviations from the reference code:
   - Grouped-query attention: the query heads sharing a KV head read one set of pages, ranked by the largest bound
     among them (the reference, written for multi-head attention, selects per query head).
@@ -26,14 +31,29 @@ Deviations from the reference code:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from kvlab.cache.kvcache import LayerCache, empty_layer
+from kvlab.cache.kvcache import PADDING_POSITION, LayerCache, empty_layer
 from kvlab.cache.quantized import CODE_FIELDS, QuantizedLayerCache, dequantize_codes_into
+from kvlab.cache.rope import rotate_by
 from kvlab.errors import ParameterError
 
 SUMMARY_DTYPE = torch.float32
+GROUPED_SUMMARY_SLOTS = 1 << 16  # slots moved at once while summarising grouped keys (bounded scratch memory)
+
+
+@dataclass(frozen=True)
+class GroupedQuery:
+    """A decode query under Self-Extend (``models.extension.SelfExtend``), also rotated at its grouped position:
+    a slot ``window`` or more positions before ``position`` is scored against ``query`` with its key moved to
+    position p // ``group``, a nearer one against the plain query with its key where it is."""
+
+    query: torch.Tensor  # (query_heads, head_dim), rotated at the grouped query position
+    position: int
+    group: int
+    window: int
 
 
 class PagedLayerCache(LayerCache):
@@ -74,6 +94,8 @@ class PagedLayerCache(LayerCache):
         # one (kv_heads, 2 * head_dim, pages) operand: a step's bounds are one matrix product, [q+, q-] @ [max; min]
         self.summary = torch.cat([high, low], dim=2).transpose(1, 2).contiguous()
         self._forced = self._forced_pages()
+        self._grouped_summaries: dict[int, torch.Tensor] = {}  # group size -> summary of the grouped keys
+        self._page_span: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def page_max(self) -> torch.Tensor:
@@ -188,22 +210,83 @@ class PagedLayerCache(LayerCache):
         return min(self.pages - self._sink_pages(), math.ceil(self.recent_tokens / self.page_tokens))
 
     # -- decode ----------------------------------------------------------------------------------------------------
-    def page_bounds(self, query: torch.Tensor) -> torch.Tensor:
-        """(kv_heads, pages): for each KV head, the largest bound over its query heads on q . k for any key of the
-        page; ``query`` (query_heads, head_dim)."""
+    def page_bounds(self, query: torch.Tensor, grouped: GroupedQuery | None = None) -> torch.Tensor:
+        """(kv_heads, pages): for each KV head, the largest bound over its query heads on the score of any key of
+        the page; ``query`` (query_heads, head_dim). With ``grouped`` (Self-Extend), a slot ``window`` or more
+        positions back scores ``grouped.query`` against its key at the grouped position, and the page's bound
+        covers whichever scores its slots take."""
+        bounds = self._bounds(query, self.summary)
+        if grouped is None:
+            return bounds
+        first, last = self.page_span()
+        far = grouped.position - first >= grouped.window  # some slot of the page is scored at grouped positions
+        near = grouped.position - last < grouped.window  # some slot is a neighbour
+        moved = self._bounds(grouped.query, self.grouped_summary(grouped.group))
+        return torch.maximum(bounds.masked_fill(~near, -math.inf), moved.masked_fill(~far, -math.inf))
+
+    def _bounds(self, query: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         grouped = query.to(SUMMARY_DTYPE).reshape(spec.kv_heads, spec.group_size, spec.head_dim)
         signed = torch.cat([grouped.clamp(min=0), grouped.clamp(max=0)], dim=-1)
-        return (signed @ self.summary).amax(dim=1)
+        return (signed @ summary).amax(dim=1)
 
-    def select_pages(self, query: torch.Tensor) -> torch.Tensor:
+    def select_pages(self, query: torch.Tensor, grouped: GroupedQuery | None = None) -> torch.Tensor:
         """(kv_heads, k) page indices, in no particular order: the sink, recent and question pages, then the
         highest bounds, k = ``read_pages``."""
         count = self.read_pages()
         if count >= self.pages:
             return torch.arange(self.pages, device=self.summary.device).expand(self.spec.kv_heads, -1)
-        bounds = self.page_bounds(query).masked_fill_(self._forced, math.inf)
+        bounds = self.page_bounds(query, grouped).masked_fill_(self._forced, math.inf)
         return bounds.topk(count, dim=1, sorted=False).indices
+
+    def page_span(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kv_heads, pages) each: the first and last position held in each page (a page of padding alone spans
+        nothing: first above last)."""
+        if self._page_span is None:
+            positions = self._page_positions(self._all_pages())
+            shaped = positions.reshape(self.spec.kv_heads, self.pages, self.page_tokens)
+            real = shaped != PADDING_POSITION
+            first = torch.where(real, shaped, torch.iinfo(shaped.dtype).max).amin(dim=2)
+            self._page_span = (first, torch.where(real, shaped, PADDING_POSITION).amax(dim=2))
+        return self._page_span
+
+    def grouped_summary(self, group: int) -> torch.Tensor:
+        """Like ``summary``, over the keys moved to grouped positions p // ``group`` (Self-Extend); computed on
+        first use per group size, a bounded number of slots at a time (the pages of a quantized layer are
+        dequantized once for it)."""
+        summary = self._grouped_summaries.get(group)
+        if summary is not None:
+            return summary
+        if self.spec.rope_theta is None:
+            raise ValueError("grouped page summaries need standard RoPE")
+        heads, dim, size = self.spec.kv_heads, self.spec.head_dim, self.page_tokens
+        dtype = _compute_dtype(self.base)
+        low = torch.empty((heads, self.pages, dim), dtype=SUMMARY_DTYPE, device=self.summary.device)
+        high = torch.empty_like(low)
+        step = max(1, GROUPED_SUMMARY_SLOTS // size)
+        for start in range(0, self.pages, step):
+            chosen = torch.arange(start, min(self.pages, start + step), device=low.device).expand(heads, -1)
+            keys = torch.empty((heads, chosen.shape[1] * size, dim), dtype=dtype, device=low.device)
+            self._read_pages_into(chosen, keys, torch.empty_like(keys))
+            positions = self._page_positions(chosen)
+            real = positions != PADDING_POSITION
+            shift = torch.where(real, positions // group - positions, 0)
+            moved = rotate_by(keys.to(SUMMARY_DTYPE), shift, self.spec.rope_theta)
+            moved = moved.reshape(heads, -1, size, dim)
+            real = real.reshape(heads, -1, size, 1)
+            low[:, chosen[0]] = torch.where(real, moved, math.inf).amin(dim=2)
+            high[:, chosen[0]] = torch.where(real, moved, -math.inf).amax(dim=2)
+        summary = torch.cat([high, low], dim=2).transpose(1, 2).contiguous()
+        self._grouped_summaries[group] = summary
+        return summary
+
+    def _all_pages(self) -> torch.Tensor:
+        return torch.arange(self.pages, device=self.summary.device).expand(self.spec.kv_heads, -1)
+
+    def _page_positions(self, chosen: torch.Tensor) -> torch.Tensor:
+        """(kv_heads, k * page_tokens): the positions of the pages' slots; PADDING_POSITION where a slot holds no
+        token (padding, or a quantized partial last group's missing rows, which the layer's positions mark so)."""
+        return self.base.positions.gather(1, _slot_rows(chosen, self.page_tokens))
 
     def observe_question(self, queries: torch.Tensor, scale: float) -> None:
         """Remember the pages the newest question attends to most, read at every following decode step as the
@@ -238,7 +321,21 @@ class PagedLayerCache(LayerCache):
         """What one decode query reads: keys, values (kv_heads, n, head_dim) of the selected pages, then the slots
         that fill no page, then the new ones; and their padding mask (kv_heads, n), or None. Each part is written
         once, into the output."""
-        chosen = self.select_pages(query)
+        return self._gather(self.select_pages(query))
+
+    def grouped_decode_tensors(self, query: torch.Tensor,
+                               grouped: GroupedQuery) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What one decode query reads under Self-Extend, pages chosen by ``page_bounds(query, grouped)``: keys,
+        values (kv_heads, n, head_dim) as ``decode_tensors`` gives them, and the slots' positions (kv_heads, n),
+        PADDING_POSITION where a slot holds no token."""
+        chosen = self.select_pages(query, grouped)
+        keys, values, mask = self._gather(chosen)
+        positions = torch.cat([self._page_positions(chosen), *(part[3] for part in self._unpaged())], dim=1)
+        if mask is not None:
+            positions = positions.masked_fill(~mask, PADDING_POSITION)
+        return keys, values, positions
+
+    def _gather(self, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         heads, dim = self.spec.kv_heads, self.spec.head_dim
         selected = chosen.shape[1] * self.page_tokens
         always = self._unpaged()
@@ -247,7 +344,7 @@ class PagedLayerCache(LayerCache):
         values = torch.empty_like(keys)
         masks = [(0, selected, self._read_pages_into(chosen, keys[:, :selected], values[:, :selected]))]
         at = selected
-        for part_keys, part_values, part_mask in always:
+        for part_keys, part_values, part_mask, _ in always:
             end = at + part_keys.shape[1]
             keys[:, at:end] = part_keys
             values[:, at:end] = part_values
@@ -277,14 +374,16 @@ class PagedLayerCache(LayerCache):
         padding = base.padding_free
         return None if padding is None else padding.gather(1, _slot_rows(chosen, size))
 
-    def _unpaged(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """The slots every decode step reads, as views: the part of ``base`` that fills no page, and ``new``."""
+    def _unpaged(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+        """The slots every decode step reads, as views: the part of ``base`` that fills no page, and ``new``; each
+        as keys, values, padding mask (or None) and positions."""
         base = self.base
         rest = base.residual if isinstance(base, QuantizedLayerCache) else base
         start = 0 if isinstance(base, QuantizedLayerCache) else self.paged_slots
         rest_mask = rest.padding_free
-        return [(rest.keys[:, start:], rest.values[:, start:], None if rest_mask is None else rest_mask[:, start:]),
-                (self.new.keys, self.new.values, self.new.padding_free)]
+        return [(rest.keys[:, start:], rest.values[:, start:], None if rest_mask is None else rest_mask[:, start:],
+                 rest.positions[:, start:]),
+                (self.new.keys, self.new.values, self.new.padding_free, self.new.positions)]
 
     def decode_read_bytes(self) -> int:
         """Bytes one decode step reads from this layer: the summaries, the selected pages, the rest of ``base`` and
@@ -300,15 +399,18 @@ class PagedLayerCache(LayerCache):
     # -- bytes -----------------------------------------------------------------------------------------------------
     @property
     def held_bytes(self) -> int:
-        return self.base.held_bytes + self.new.held_bytes + self.summary.nbytes
+        return self.base.held_bytes + self.new.held_bytes + self.summary.nbytes + self._grouped_bytes()
 
     @property
     def live_bytes(self) -> int:
-        return self.base.live_bytes + self.new.live_bytes + self.summary.nbytes
+        return self.base.live_bytes + self.new.live_bytes + self.summary.nbytes + self._grouped_bytes()
 
     @property
     def allocated_bytes(self) -> int:
-        return self.base.allocated_bytes + self.new.allocated_bytes + self.summary.nbytes
+        return self.base.allocated_bytes + self.new.allocated_bytes + self.summary.nbytes + self._grouped_bytes()
+
+    def _grouped_bytes(self) -> int:
+        return sum(summary.nbytes for summary in self._grouped_summaries.values())
 
     # -- growth ----------------------------------------------------------------------------------------------------
     def reserve(self, extra_slots: int) -> None:

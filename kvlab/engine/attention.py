@@ -31,7 +31,7 @@ from kvlab.cache.kvcache import PADDING_POSITION, KVCache, LayerCache
 from kvlab.cache.layout import LayerSpec
 from kvlab.cache.paged import PagedLayerCache
 from kvlab.engine.kernels import flash_available, flash_with_lse, merge_by_lse
-from kvlab.engine.self_extend import needs_grouping, self_extend_attend
+from kvlab.engine.self_extend import grouped_decode_query, needs_grouping, self_extend_attend
 from kvlab.errors import UnsupportedModelError
 from kvlab.models.extension import SelfExtend
 
@@ -81,9 +81,13 @@ def kvlab_attention_forward(module, query, key, value, attention_mask, scaling=N
     if step.observer is not None:
         step.observer(module.layer_idx, layer.spec, query[0], key[0], layer.positions, step.query_positions, scale)
     if step.extension is not None and needs_grouping(layer, step.query_positions, step.extension):
-        if isinstance(layer, PagedLayerCache) and query.shape[2] == 1:  # grouped positions: read every page
-            key, value = (tensor.unsqueeze(0) for tensor in layer.attention_tensors())
-        output = self_extend_attend(query, key, value, layer, step.query_positions, scale, step.extension)
+        positions = None
+        if isinstance(layer, PagedLayerCache) and query.shape[2] == 1:  # the pages its plain and grouped bounds pick
+            grouped = grouped_decode_query(query[0, :, 0], int(step.query_positions[0]), layer.spec, step.extension)
+            key, value, positions = layer.grouped_decode_tensors(query[0, :, 0], grouped)
+            key, value = key.unsqueeze(0), value.unsqueeze(0)
+        output = self_extend_attend(query, key, value, layer, step.query_positions, scale, step.extension,
+                                    positions)
     elif isinstance(layer, PagedLayerCache) and query.shape[2] == 1:
         output = paged_decode(query, layer, scale)
     else:

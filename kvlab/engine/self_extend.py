@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 
 from kvlab.cache.kvcache import PADDING_POSITION, LayerCache
+from kvlab.cache.layout import LayerSpec
+from kvlab.cache.paged import GroupedQuery
 from kvlab.cache.rope import rotate_by
 from kvlab.engine.kernels import flash_available, flash_with_lse, merge_by_lse
 from kvlab.errors import UnsupportedModelError
@@ -41,23 +43,22 @@ def needs_grouping(layer: LayerCache, query_positions: torch.Tensor, extension: 
 
 
 def self_extend_attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layer: LayerCache,
-                       query_positions: torch.Tensor, scale: float, extension: SelfExtend) -> torch.Tensor:
-    """query (1, query_heads, q, d) over keys, values (1, kv_heads, S, d) with the slots' positions in ``layer``;
-    returns (1, query_heads, q, d)."""
+                       query_positions: torch.Tensor, scale: float, extension: SelfExtend,
+                       positions: torch.Tensor | None = None) -> torch.Tensor:
+    """query (1, query_heads, q, d) over keys, values (1, kv_heads, S, d) with the slots' positions (kv_heads, S)
+    ``positions`` (default: the layer's own, when keys and values are all of its slots); returns
+    (1, query_heads, q, d)."""
     spec = layer.spec
-    if spec.rope_theta is None:
-        raise UnsupportedModelError("--extend self-extend needs standard RoPE in the full-attention layers (this "
-                                    "model's RoPE is scaled or partial)")
+    theta = _rope_theta(spec)
     kv_heads, group, dim = spec.kv_heads, spec.group_size, query.shape[-1]
     count = query.shape[2]
     window, size = extension.window, extension.group
-    positions = layer.positions  # (kv_heads, S)
+    positions = layer.positions if positions is None else positions  # (kv_heads, S)
     valid = positions != PADDING_POSITION
     true_positions = torch.where(valid, positions, torch.zeros_like(positions))
-    grouped_keys = rotate_by(keys[0], true_positions // size - true_positions, spec.rope_theta)
-    query_shift = query_positions // size + (window - window // size) - query_positions
+    grouped_keys = rotate_by(keys[0], true_positions // size - true_positions, theta)
     queries = query[0].reshape(kv_heads, group, count, dim)
-    grouped_queries = rotate_by(queries, query_shift, spec.rope_theta)
+    grouped_queries = rotate_by(queries, _query_shift(query_positions, extension), theta)
     if flash_available(query):
         if _shares_positions(positions, valid):
             output = _split_attend(queries, grouped_queries, keys[0], grouped_keys, values[0], positions[0],
@@ -86,6 +87,28 @@ def self_extend_attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
         weights = torch.softmax(scores, dim=-1).to(values.dtype)
         outputs.append(torch.einsum("hgqk,hkd->hgqd", weights, values[0]))
     return torch.cat(outputs, dim=2).reshape(1, kv_heads * group, count, dim)
+
+
+def grouped_decode_query(query: torch.Tensor, position: int, spec: LayerSpec,
+                         extension: SelfExtend) -> GroupedQuery:
+    """One decode query (query_heads, d), rotated at ``position``, also moved to its grouped position: what a
+    paged layer (Quest) bounds its pages' grouped scores with."""
+    shift = _query_shift(torch.tensor([position]), extension)
+    moved = rotate_by(query[:, None], shift.to(query.device), _rope_theta(spec))[:, 0]
+    return GroupedQuery(moved, position, extension.group, extension.window)
+
+
+def _query_shift(query_positions: torch.Tensor, extension: SelfExtend) -> torch.Tensor:
+    """How far each query moves: from q to q // group + window - window // group."""
+    size, window = extension.group, extension.window
+    return query_positions // size + (window - window // size) - query_positions
+
+
+def _rope_theta(spec: LayerSpec) -> float:
+    if spec.rope_theta is None:
+        raise UnsupportedModelError("--extend self-extend needs standard RoPE in the full-attention layers (this "
+                                    "model's RoPE is scaled or partial)")
+    return spec.rope_theta
 
 
 def _shares_positions(positions: torch.Tensor, valid: torch.Tensor) -> bool:

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 
 from kvlab.cache.kvcache import PADDING_POSITION, LayerCache
 from kvlab.cache.layout import LayerSpec
-from kvlab.cache.paged import PagedLayerCache
+from kvlab.cache.paged import GroupedQuery, PagedLayerCache
 from kvlab.cache.quant import QuantizationParams
 from kvlab.cache.quantized import QuantizedLayerCache
+from kvlab.cache.rope import rotate_by
 from kvlab.engine.attention import paged_decode
 from kvlab.errors import ParameterError
 
@@ -198,3 +199,78 @@ def test_the_question_chooses_pages_by_its_attention_mass_and_they_are_read_at_e
     published = paged(layer, read_tokens=48)  # question_share 0: Quest as published, bounds alone
     published.observe_question(queries, 0.25)
     assert published.question_pages is None
+
+
+ROPE_SPEC = LayerSpec("full", 2, 6, 16, rope_theta=10000.0)
+
+
+def rope_layer(slots: int, padding: bool = False) -> LayerCache:
+    layer = plain_layer(slots=slots, seed=6, padding=padding)
+    return LayerCache(ROPE_SPEC, layer.keys, layer.values, layer.positions)
+
+
+def self_extend_scores(layer: LayerCache, query: torch.Tensor, grouped: GroupedQuery) -> torch.Tensor:
+    """(kv_heads, slots): each slot's score as Self-Extend takes it, the largest over the group's query heads:
+    the plain query on the key where it is for a neighbour, the grouped query on the key moved to p // group for a
+    slot ``window`` or more positions back; padding slots score -inf."""
+    positions = layer.positions
+    real = positions != PADDING_POSITION
+    safe = torch.where(real, positions, 0)
+    moved = rotate_by(layer.keys, safe // grouped.group - safe, 10000.0)
+    near = torch.einsum("hgd,hsd->hgs", query.reshape(2, 3, 16), layer.keys)
+    far = torch.einsum("hgd,hsd->hgs", grouped.query.reshape(2, 3, 16), moved)
+    scores = torch.where((grouped.position - positions < grouped.window)[:, None], near, far).amax(dim=1)
+    return scores.masked_fill(~real, -torch.inf)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["plain", "int4"])
+def test_grouped_page_bounds_cover_every_slots_self_extend_score(quantized):
+    """Pages behind, across and inside the neighbour window: each page's bound is at least the best score any of
+    its slots takes under Self-Extend, from the plain or the grouped summary as the slot's distance says."""
+    layer = rope_layer(slots=100, padding=True)
+    if quantized:
+        layer = QuantizedLayerCache.from_layer(layer, QuantizationParams("int4", group_size=PAGE, residual_tokens=0,
+                                                                         quantize_tail=True))
+    pages = paged(layer, read_tokens=40)
+    generator = torch.Generator().manual_seed(7)
+    query, moved = torch.randn(6, 16, generator=generator), torch.randn(6, 16, generator=generator)
+    grouped = GroupedQuery(moved, position=110, group=4, window=30)
+    bounds = pages.page_bounds(query, grouped)
+    dense = layer.dense()
+    scores = self_extend_scores(dense, query, grouped)[:, :pages.paged_slots]
+    best = scores.reshape(2, pages.pages, PAGE).amax(dim=2)
+    assert (bounds >= best - 1e-4).all()
+    # single-slot pages: the bound is the score itself
+    single = PagedLayerCache(layer, page_tokens=1, read_tokens=40, sink_tokens=0, recent_tokens=0) if not quantized \
+        else None
+    if single is not None:
+        torch.testing.assert_close(single.page_bounds(query, grouped), self_extend_scores(dense, query, grouped))
+    # a page wholly inside the window keeps its plain bound, one wholly behind it takes the grouped one
+    plain_bounds, far_bounds = pages.page_bounds(query), pages._bounds(moved, pages.grouped_summary(4))
+    torch.testing.assert_close(bounds[0, -1], plain_bounds[0, -1])  # head 0's last page: 110 - 88 < 30 at most
+    torch.testing.assert_close(bounds[:, 0], far_bounds[:, 0])
+    if quantized:  # head 1's last group holds only padding (its last 5 tokens and the 4 missing rows): unreadable
+        assert bounds[1, -1] == -torch.inf
+
+
+def test_grouped_decode_reads_the_selected_pages_with_their_positions():
+    layer = rope_layer(slots=100, padding=True)
+    pages = paged(layer, read_tokens=40)
+    pages.append(torch.randn(2, 3, 16), torch.randn(2, 3, 16), torch.tensor([100, 101, 102]))
+    before = pages.held_bytes
+    generator = torch.Generator().manual_seed(8)
+    query = torch.randn(6, 16, generator=generator)
+    grouped = GroupedQuery(torch.randn(6, 16, generator=generator), position=103, group=4, window=30)
+    chosen = pages.select_pages(query, grouped)
+    assert chosen.shape == (2, 4) and not torch.equal(chosen.sort().values, pages.select_pages(query).sort().values)
+    keys, values, positions = pages.grouped_decode_tensors(query, grouped)
+    for head in range(2):
+        rows = torch.cat([torch.arange(page * PAGE, (page + 1) * PAGE) for page in chosen[head].tolist()]
+                         + [torch.arange(96, 103)])
+        torch.testing.assert_close(keys[head], pages.keys[head, rows])
+        torch.testing.assert_close(values[head], pages.values[head, rows])
+        assert torch.equal(positions[head], pages.positions[head, rows])
+    everything = paged(layer, read_tokens=100)
+    keys, values, positions = everything.grouped_decode_tensors(query, grouped)
+    assert torch.equal(keys, layer.keys) and torch.equal(positions, layer.positions)
+    assert pages.held_bytes == before + pages.grouped_summary(4).nbytes > before  # the grouped summary is counted

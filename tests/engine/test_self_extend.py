@@ -9,12 +9,14 @@ import torch
 
 from kvlab.cache.kvcache import PADDING_POSITION
 from kvlab.cache.layout import LayerSpec
+from kvlab.cache.paged import PagedLayerCache
 from kvlab.engine import Engine
 from kvlab.engine.runner import ModelRunner
 from kvlab.engine.self_extend import self_extend_attend
 from kvlab.errors import ParameterError
 from kvlab.models import load_model
 from kvlab.models.extension import SelfExtend, parse_extension
+from kvlab.policies import make_policy
 
 THETA = 10000.0
 
@@ -186,3 +188,34 @@ def test_yarn_interpolates_the_full_attention_rope_and_widens_the_window(plain):
     gemma = load_model("tiny-gemma3", extension="yarn:factor=2")
     rope = gemma.config.rope_parameters
     assert rope["full_attention"]["rope_type"] == "yarn" and rope["sliding_attention"]["rope_type"] == "default"
+
+
+def test_quest_under_self_extend_reads_only_its_pages_and_with_all_of_them_decodes_as_the_full_cache(monkeypatch):
+    """Grouped positions no longer make a paged layer read every page: a decode step reads the pages its plain
+    and grouped bounds pick (the bounds are checked in tests/cache/test_paged.py), and a budget covering every
+    page decodes exactly as the full cache does."""
+    engine = extended(group=4, window=32)
+    ids = torch.randint(3, 200, (300,))
+    prefill = engine.prefill(ids)
+    policy = make_policy("quest", dense_layers=0, page_tokens=8, sink_tokens=4, recent_tokens=8)
+    read: list[int] = []
+    original = PagedLayerCache.grouped_decode_tensors
+
+    def spy(self, query, grouped):
+        keys, values, positions = original(self, query, grouped)
+        read.append(keys.shape[1])
+        return keys, values, positions
+
+    monkeypatch.setattr(PagedLayerCache, "grouped_decode_tensors", spy)
+
+    def decode(cache) -> torch.Tensor:
+        runner = ModelRunner(engine.model, cache.fork())
+        return torch.stack([runner.step(token) for token in (5, 9, 11)])
+
+    everything, _, _ = engine.compress(prefill, policy, ratio=0.0)
+    torch.testing.assert_close(decode(everything), decode(prefill.cache), rtol=1e-4, atol=1e-4)
+    assert read and min(read) >= 300
+    read.clear()
+    eighth, _, _ = engine.compress(prefill, policy, ratio=0.875)
+    logits = decode(eighth)
+    assert read and max(read) < 300 / 4 and torch.isfinite(logits).all()
