@@ -22,7 +22,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rotate_by(x: torch.Tensor, shift: torch.Tensor, theta: float) -> torch.Tensor:
-    """``x`` (..., n, head_dim) rotated by ``shift`` positions (broadcastable to (..., n)), in x's dtype."""
-    cos, sin = rope_cos_sin(shift, x.shape[-1], theta)
-    rotated = x.float() * cos + rotate_half(x.float()) * sin
+    """``x`` (..., n, head_dim) rotated by ``shift`` positions (broadcastable to (..., n)), in x's dtype. The
+    angles are computed at ``shift``'s own shape (pass one row when every head moves alike) and each half of the
+    head is written once: x1 cos - x2 sin, x2 cos + x1 sin (rotate-half), with no (..., n, head_dim) cos or sin."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (torch.arange(0, x.shape[-1], 2, dtype=torch.float, device=x.device) / x.shape[-1]))
+    angles = shift.float()[..., None] * inv_freq
+    cos, sin = angles.cos(), angles.sin()
+    source = x.float()
+    first, second = source[..., :half], source[..., half:]
+    rotated = torch.empty(torch.broadcast_shapes(source.shape, (*cos.shape[:-1], x.shape[-1])), device=x.device)
+    torch.mul(first, cos, out=rotated[..., :half]).addcmul_(second, sin, value=-1.0)
+    torch.mul(second, cos, out=rotated[..., half:]).addcmul_(first, sin)
     return rotated.to(x.dtype)

@@ -55,12 +55,14 @@ def self_extend_attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     window, size = extension.window, extension.group
     positions = layer.positions if positions is None else positions  # (kv_heads, S)
     valid = positions != PADDING_POSITION
-    true_positions = torch.where(valid, positions, torch.zeros_like(positions))
-    grouped_keys = rotate_by(keys[0], true_positions // size - true_positions, theta)
+    shared = _shares_positions(positions, valid)
+    # heads holding the same slots move alike: the rotation's angles are computed once for all of them
+    key_positions = positions[0] if shared else torch.where(valid, positions, torch.zeros_like(positions))
+    grouped_keys = rotate_by(keys[0], key_positions // size - key_positions, theta)
     queries = query[0].reshape(kv_heads, group, count, dim)
     grouped_queries = rotate_by(queries, _query_shift(query_positions, extension), theta)
     if flash_available(query):
-        if _shares_positions(positions, valid):
+        if shared:
             output = _split_attend(queries, grouped_queries, keys[0], grouped_keys, values[0], positions[0],
                                    query_positions, scale, window)
         else:  # heads hold different slots (head-wise eviction, padding): one head at a time, its valid slots
@@ -133,21 +135,30 @@ def _split_attend(queries: torch.Tensor, grouped_queries: torch.Tensor, keys: to
         parts = []
         if far.numel():
             far_queries = grouped_queries[:, :, start:start + block].reshape(1, kv_heads, group * rows, dim)
-            out, lse = flash_with_lse(far_queries, grouped_keys.index_select(1, far)[None],
-                                      values.index_select(1, far)[None], causal=False, scale=scale)
+            out, lse = flash_with_lse(far_queries, _take(grouped_keys, far)[None], _take(values, far)[None],
+                                      causal=False, scale=scale)
             parts.append((out.reshape(kv_heads, group, rows, dim).float(), lse.reshape(kv_heads, group, rows)))
         if near.numel():
-            near_positions = positions.index_select(0, near)
+            near_positions = _take(positions, near, dim=0)
             distance = block_positions[:, None] - near_positions[None, :]  # (rows, near)
             true_scores = torch.einsum("hgqd,hkd->hgqk", queries[:, :, start:start + block],
-                                       keys.index_select(1, near)).float()
+                                       _take(keys, near)).float()
             moved_scores = torch.einsum("hgqd,hkd->hgqk", grouped_queries[:, :, start:start + block],
-                                        grouped_keys.index_select(1, near)).float()
+                                        _take(grouped_keys, near)).float()
             scores = torch.where(distance < window, true_scores, moved_scores) * scale
             scores.masked_fill_(distance < 0, float("-inf"))
             lse = torch.logsumexp(scores, dim=-1)
             weights = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num_(0.0)
-            parts.append((torch.einsum("hgqk,hkd->hgqd", weights, values.index_select(1, near).float()), lse))
+            parts.append((torch.einsum("hgqk,hkd->hgqd", weights, _take(values, near).float()), lse))
         outputs.append(merge_by_lse(parts).to(queries.dtype))
     return torch.cat(outputs, dim=2)
 
+
+
+def _take(tensor: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """``tensor`` at ascending ``index`` along ``dim``: a view where the indices are one run (slots held in
+    position order, as a cache keeps them), a copy otherwise."""
+    first, count = int(index[0]), index.numel()
+    if int(index[-1]) - first + 1 == count:
+        return tensor.narrow(dim, first, count)
+    return tensor.index_select(dim, index)
