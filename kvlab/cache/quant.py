@@ -6,7 +6,8 @@ as c * scale + zero, where zero is the group's minimum and scale = (max - min) /
   keys   are quantized per channel: one (scale, zero) per head_dim channel per group of ``group_size`` tokens, because
          key outliers sit in fixed channels;
   values are quantized per token: one (scale, zero) per token per group of ``group_size`` channels;
-  the most recent tokens stay in full precision (the residual), because the next queries attend to them most.
+  the most recent tokens stay unquantized (the residual: the source dtype in a file, 16 bits in memory, see
+  ``cache.quantized.residual_dtype``), because the next queries attend to them most.
 
 Choices and deviations from the reference code (jy-yuan/KIVI), which quantizes a streaming cache on the GPU:
   - Schemes ``int8``, ``int4`` and ``int2`` (KIVI's paper centres on 2 bits). int4 packs two codes per uint8 byte

@@ -2,8 +2,8 @@
 
 ``QuantizedLayerCache`` is a ``LayerCache`` whose older tokens are held as integer codes with fp16 scales and zero
 points (keys per channel over groups of ``group_size`` tokens, values per token over groups of channels) and whose
-newest tokens sit in a full-precision residual, a plain growable ``LayerCache``. New tokens go to the residual;
-after a forward pass (``settle``), while it holds ``residual_tokens + group_size`` slots or more, its oldest
+newest tokens sit in a 16-bit residual (``residual_dtype``), a plain growable ``LayerCache``. New tokens go to the
+residual; after a forward pass (``settle``), while it holds ``residual_tokens + group_size`` slots or more, its oldest
 ``group_size`` slots are quantized as one more key group (KIVI's streaming rule). Attention dequantizes one layer at
 a time, at each step, into a transient
 tensor: the memory held between steps is the codes, the scales and the residual (``held_bytes``).
@@ -44,11 +44,12 @@ CODE_FIELDS = ("key_codes", "key_scales", "key_zeros", "value_codes", "value_sca
 
 
 class QuantizedLayerCache(LayerCache):
-    """A full-attention layer held as KIVI codes plus a full-precision residual; see the module docstring."""
+    """A full-attention layer held as KIVI codes plus a 16-bit residual; see the module docstring."""
 
     quantized = True
 
-    def __init__(self, stored: QuantizedLayer, params: QuantizationParams, dtype: torch.dtype) -> None:
+    def __init__(self, stored: QuantizedLayer, params: QuantizationParams, dtype: torch.dtype,
+                 held_residual: torch.dtype | None = None) -> None:
         if stored.spec.kind != "full":
             raise ValueError("only full-attention layers are held quantized in memory")
         self.spec = stored.spec
@@ -68,13 +69,16 @@ class QuantizedLayerCache(LayerCache):
         index = (quantized[:, None] + rank).clamp(max=max(front.shape[1] - 1, 0))
         gathered = front.gather(1, index) if front.shape[1] else front[:, :0].expand(-1, residual_width)
         residual_positions = torch.where(rank < (valid - quantized)[:, None], gathered, PADDING_POSITION)
-        self.residual = LayerCache(stored.spec, stored.residual_keys, stored.residual_values, residual_positions)
+        held = held_residual or residual_dtype(dtype)
+        self.residual = LayerCache(stored.spec, stored.residual_keys.to(held), stored.residual_values.to(held),
+                                   residual_positions)
 
     @classmethod
-    def from_layer(cls, layer: LayerCache, params: QuantizationParams) -> QuantizedLayerCache:
+    def from_layer(cls, layer: LayerCache, params: QuantizationParams,
+                   held_residual: torch.dtype | None = None) -> QuantizedLayerCache:
         """Quantize a plain full-attention layer (the same arithmetic and layout as a ``.kv`` file)."""
         dense = layer.dense()
-        return cls(quantize_layer(dense, params), params, dense.keys.dtype)
+        return cls(quantize_layer(dense, params), params, dense.keys.dtype, held_residual)
 
     # -- views -----------------------------------------------------------------------------------------------------
     @property
@@ -135,7 +139,7 @@ class QuantizedLayerCache(LayerCache):
     # -- bytes -----------------------------------------------------------------------------------------------------
     @property
     def held_bytes(self) -> int:
-        """Codes, fp16 scales and zero points, and the full-precision residual (padding included)."""
+        """Codes, fp16 scales and zero points, and the 16-bit residual (padding included)."""
         return sum(tensor.nbytes for tensor in self.codes.values()) + self.residual.held_bytes
 
     @property
@@ -159,7 +163,7 @@ class QuantizedLayerCache(LayerCache):
 
     def settle(self) -> None:
         """After a forward pass: quantize whole groups that have left the residual window (the new tokens were
-        attended to in full precision during the pass, as in KIVI)."""
+        attended to unquantized during the pass, as in KIVI)."""
         group = self.params.group_size
         while self.residual.slots >= self.params.residual_tokens + group:
             self._quantize_oldest(group)
@@ -217,24 +221,34 @@ class QuantizedLayerCache(LayerCache):
         return LayerCache(self.spec, keys, values, self.positions)
 
 
-def quantize_in_memory(cache: KVCache, params: QuantizationParams, *, sliding: bool = True) -> KVCache:
+def residual_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a quantized layer holds its residual (newest tokens) in: 16 bits, as KIVI holds it at the model's
+    fp16. A model computing in fp32 (on the CPU, where fp32 is faster) gets bfloat16 (fp32's range, so no key or
+    value overflows); a 16-bit model keeps its own dtype. Attention reads the residual in the compute dtype."""
+    return torch.bfloat16 if dtype == torch.float32 else dtype
+
+
+def quantize_in_memory(cache: KVCache, params: QuantizationParams, *, sliding: bool = True,
+                       held_residual: torch.dtype | None = None) -> KVCache:
     """The cache with every full-attention layer held quantized (KIVI) and, with ``sliding``, every sliding-window
     layer too (per-token codes, ``QuantizedSlidingLayerCache``); other layers and already quantized ones are
-    shared as they are (forked)."""
+    shared as they are (forked). ``held_residual``: the residual's dtype (default ``residual_dtype``; tests pass
+    the compute dtype to compare with a dequantized cache exactly)."""
     layers = []
     for layer in cache.layers:
         if layer.quantized or (layer.spec.kind == "sliding" and not sliding):
             layers.append(layer.fork())
         elif layer.spec.kind == "full":
-            layers.append(layer.map_storage(lambda storage: QuantizedLayerCache.from_layer(storage, params)))
+            layers.append(layer.map_storage(
+                lambda storage: QuantizedLayerCache.from_layer(storage, params, held_residual)))
         else:
             layers.append(QuantizedSlidingLayerCache.from_layer(layer, params))
     return KVCache(layers=layers, num_tokens=cache.num_tokens)
 
 
-def from_stored(stored: QuantizedKVCache) -> KVCache:
+def from_stored(stored: QuantizedKVCache, held_residual: torch.dtype | None = None) -> KVCache:
     """A decodable cache from a quantized ``.kv`` payload: full layers keep their codes, sliding ones expand."""
-    layers = [QuantizedLayerCache(layer, stored.params, stored.dtype) if layer.spec.kind == "full"
+    layers = [QuantizedLayerCache(layer, stored.params, stored.dtype, held_residual) if layer.spec.kind == "full"
               else dequantize_layer(layer, stored.params, stored.dtype) for layer in stored.layers]
     return KVCache(layers=layers, num_tokens=stored.num_tokens)
 

@@ -37,17 +37,41 @@ def test_decodes_like_the_dequantized_cache(caches, scheme, kind, residual):
     # held in memory, sliding layers stay as they are here (their own scheme is tested on its own)
     reference = KVCache([restored if restored.spec.kind == "full" else original.fork()
                          for restored, original in zip(file_form.layers, cache.layers)], cache.num_tokens)
-    held = quantize_in_memory(cache, params, sliding=False)
+    # the residual in the compute dtype (fp32), so that nothing but the codes differs from the reference
+    held = quantize_in_memory(cache, params, sliding=False, held_residual=torch.float32)
     assert all(isinstance(layer, QuantizedLayerCache) == (layer.spec.kind == "full") for layer in held.layers)
     assert held.held_bytes < reference.held_bytes
     new = random_ids(40, 1)
     expected = ModelRunner(engine.model, reference.fork()).feed(new, logits_to_keep=40)
     actual = ModelRunner(engine.model, held.fork()).feed(new, logits_to_keep=40)
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
-    loaded = from_stored(quantize_cache(cache, scheme, 16, residual, tail))  # a .kv payload, used as it is
+    loaded = from_stored(quantize_cache(cache, scheme, 16, residual, tail), torch.float32)  # a .kv payload as it is
     torch.testing.assert_close(ModelRunner(engine.model, loaded).feed(new, logits_to_keep=40),
                                ModelRunner(engine.model, file_form.fork()).feed(new, logits_to_keep=40),
                                atol=1e-4, rtol=1e-4)
+
+
+def test_the_residual_is_held_at_16_bits_and_decodes_as_the_fp32_one_within_bf16_rounding(caches):
+    """By default an fp32 model's residual (the newest tokens, unquantized) is held in bfloat16: it holds half the
+    residual bytes, new tokens go in at 16 bits too, and the logits stay within bf16 rounding of an fp32
+    residual's (while int4 codes alone move them far more)."""
+    engine, by_kind = caches
+    cache = by_kind["plain"]
+    params = QuantizationParams("int4", group_size=16, residual_tokens=8)
+    wide = quantize_in_memory(cache, params, sliding=False, held_residual=torch.float32)
+    held = quantize_in_memory(cache, params, sliding=False)
+    pairs = [(a, b) for a, b in zip(held.layers, wide.layers) if isinstance(a, QuantizedLayerCache)]
+    assert pairs and all(a.residual.keys.dtype == torch.bfloat16 and a.dtype == torch.float32 for a, _ in pairs)
+    assert sum(b.held_bytes - a.held_bytes for a, b in pairs) == sum(b.residual.held_bytes // 2 for _, b in pairs)
+    new = random_ids(40, 1)
+    narrow = ModelRunner(engine.model, held.fork())
+    logits = narrow.feed(new, logits_to_keep=40)
+    assert all(layer.residual.keys.dtype == torch.bfloat16 for layer in narrow.cache.layers
+               if isinstance(layer, QuantizedLayerCache))
+    expected = ModelRunner(engine.model, wide.fork()).feed(new, logits_to_keep=40)
+    unquantized = ModelRunner(engine.model, cache.fork()).feed(new, logits_to_keep=40)
+    drift = (logits - expected).abs().mean()
+    assert 0 < drift < (expected - unquantized).abs().mean() / 2
 
 
 def test_new_tokens_are_quantized_a_group_at_a_time(caches):

@@ -145,7 +145,8 @@ def test_int8_decodes_close_to_the_fp_cache_and_int4_within_bounds(prefilled):
 def test_decodes_exactly_like_its_own_dense_form(prefilled):
     """Attention reads the codes through the scratch buffers; ``dense`` through fresh tensors: same tokens."""
     engine, cache = prefilled
-    held = quantize_in_memory(cache, QuantizationParams("int4", group_size=16, residual_tokens=4))
+    held = quantize_in_memory(cache, QuantizationParams("int4", group_size=16, residual_tokens=4),
+                              held_residual=torch.float32)  # the new tokens held as the dense form holds them
     assert [type(layer) for layer in held.layers] == [QuantizedSlidingLayerCache, QuantizedLayerCache] * 2
     new = random_ids(20, 5)
     expected = ModelRunner(engine.model, held.dense()).feed(new, logits_to_keep=20)

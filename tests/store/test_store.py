@@ -90,7 +90,9 @@ def test_a_quantized_file_loads_with_the_tail_rule_it_was_made_with(tmp_path, qu
     assert held.slots == (48 if quantize_tail else 45)  # a partial last group: its missing rows are padding
     real = held.positions[0] != PADDING_POSITION
     assert torch.equal(held.positions[:, real], expected.positions)
-    torch.testing.assert_close(held.keys[:, real], expected.keys)
+    # without the tail rule the partial last group is the residual, held at 16 bits (bf16 rounding, 2**-8)
+    tolerance = {} if quantize_tail else {"rtol": 2 ** -8, "atol": 1e-6}
+    torch.testing.assert_close(held.keys[:, real], expected.keys, **tolerance)
 
 
 def test_put_get_list_and_load(store):
