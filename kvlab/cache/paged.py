@@ -26,6 +26,8 @@ Deviations from the reference code:
     leaves the first ones to the ranking.
   - The pages cover the document as it was arranged (compressed or loaded). Tokens added later (questions and
     answers) are held apart in full precision and read at every step; the reference pages them as they come.
+  - Self-Extend (not in the reference): grouped summaries as above. The question's pages (``observe_question``)
+    are chosen from its attention computed with plain positions, not grouped ones.
 """
 
 from __future__ import annotations
