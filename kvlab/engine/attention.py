@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kvlab.cache.kernels import flash_available, flash_with_lse, merge_by_lse
 from kvlab.cache.kvcache import PADDING_POSITION, KVCache, LayerCache
 from kvlab.cache.layout import LayerSpec
 from kvlab.cache.paged import PagedLayerCache
-from kvlab.engine.kernels import flash_available, flash_with_lse, merge_by_lse
 from kvlab.engine.self_extend import grouped_decode_query, needs_grouping, self_extend_attend
 from kvlab.errors import UnsupportedModelError
 from kvlab.models.extension import SelfExtend

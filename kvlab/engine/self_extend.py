@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import torch
 
+from kvlab.cache.kernels import flash_available, flash_with_lse, merge_by_lse
 from kvlab.cache.kvcache import PADDING_POSITION, LayerCache
 from kvlab.cache.layout import LayerSpec
 from kvlab.cache.paged import GroupedQuery
 from kvlab.cache.rope import rotate_by
-from kvlab.engine.kernels import flash_available, flash_with_lse, merge_by_lse
 from kvlab.errors import UnsupportedModelError
 from kvlab.models.extension import SelfExtend
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvlab.cache.kernels import flash_available, flash_with_lse
 from kvlab.cache.kvcache import PADDING_POSITION
 from kvlab.cache.layout import LayerSpec
 from kvlab.cache.observations import (
@@ -154,10 +155,9 @@ def _replay_log_normalizer(queries: torch.Tensor, keys: torch.Tensor, key_positi
     When the queries are exactly the replayed keys (one forward pass), the CPU flash kernel returns it as its
     log-sum-exp; otherwise (several passes, or no such kernel) it is computed block by block with a mask."""
     grouped = keys.repeat_interleave(group, dim=0)  # (query_heads, R, d)
-    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     aligned = key_positions.numel() == query_positions.numel() and bool((key_positions == query_positions).all())
-    if flash is not None and aligned and queries.device.type == "cpu":
-        return flash(queries[None], grouped[None], grouped[None], 0.0, True, scale=scaling)[1][0]
+    if aligned and flash_available(queries):
+        return flash_with_lse(queries[None], grouped[None], grouped[None], causal=True, scale=scaling)[1][0]
     parts = []
     for block in range(0, queries.shape[1], QUERY_BLOCK):
         logits = queries[:, block:block + QUERY_BLOCK] @ grouped.transpose(1, 2) * scaling

@@ -1,4 +1,5 @@
-"""Attention mechanics shared by kvlab's attention paths (``engine.attention``, ``engine.self_extend``): the CPU
+"""Attention mechanics shared by kvlab's attention paths (``engine.attention``, ``engine.self_extend``) and the
+policies that compute attention themselves (``policies.kvzip``): the CPU
 flash kernel, which returns each row's log-sum-exp, and whether it can run; and merging attention results computed
 over disjoint key sets by those log-sum-exps, so that a part needing no mask never builds one."""
 
