@@ -87,6 +87,17 @@ def kv_bytes_per_token(engine: Engine) -> int:
     return sum(2 * spec.kv_heads * spec.head_dim * element for spec in engine.layout)
 
 
+def full_cache_bytes(engine: Engine, tokens: int) -> int:
+    """The most KV bytes a full (unbounded) chunked prefill of ``tokens`` tokens holds: every token in a
+    full-attention layer, at most ``window - 1`` plus one chunk in a sliding-window one (Gemma 3's local layers)."""
+    element = next(engine.model.parameters()).element_size()
+    total = 0
+    for spec in engine.layout:
+        held = tokens if spec.window_tokens is None else min(tokens, spec.window_tokens - 1 + engine.chunk_tokens)
+        total += 2 * spec.kv_heads * spec.head_dim * element * held
+    return total
+
+
 def streaming_prefill(engine: Engine, token_ids: torch.Tensor, policy: Policy, budget_tokens: int, *,
                       chunk_tokens: int | None = None, progress: bool = False,
                       check: Callable[[], None] | None = None,

@@ -98,14 +98,15 @@ def streaming_chunk(engine: Engine, policy: Policy, context_tokens: int, budget_
     The chunk is the engine's, shrunk so that the budget plus one chunk fit the limit."""
     if max_kv_bytes is None:
         return None
-    from kvlab.engine.streaming import kv_bytes_per_token
+    from kvlab.engine.streaming import full_cache_bytes, kv_bytes_per_token
     from kvlab.units import format_mib
 
-    per_token = kv_bytes_per_token(engine)
-    if context_tokens * per_token <= max_kv_bytes:
+    per_token = kv_bytes_per_token(engine)  # every layer at a full slot: a bound for the room below
+    full = full_cache_bytes(engine, context_tokens)
+    if full <= max_kv_bytes:
         return None
     if policy.keeps_all_tokens:
-        raise BudgetError(f"the full cache of this document ({format_mib(context_tokens * per_token)}) exceeds "
+        raise BudgetError(f"the full cache of this document ({format_mib(full)}) exceeds "
                           f"--max-kv-memory {format_mib(max_kv_bytes)} and --policy {policy.name} evicts nothing; "
                           f"pick a policy that evicts, or raise the limit")
     room = max_kv_bytes // per_token - budget_tokens
@@ -155,13 +156,13 @@ def compress_document(engine: Engine, text: str, policy: Policy, *, ratio: float
         admit(0)
     streamed: dict = {}
     if stream_chunk is not None:
-        from kvlab.engine.streaming import kv_bytes_per_token, streaming_prefill
+        from kvlab.engine.streaming import full_cache_bytes, streaming_prefill
 
         outcome = streaming_prefill(engine, prefix_ids, policy, budget, chunk_tokens=stream_chunk, progress=progress,
                                     check=pause or check, on_chunk=on_chunk)
         cache, last_logits, compress_s = outcome.cache, outcome.last_logits, outcome.compress_s
         prefill_s = outcome.seconds - outcome.compress_s
-        full_bytes = context_tokens * kv_bytes_per_token(engine)  # what a full prefill would have held
+        full_bytes = full_cache_bytes(engine, context_tokens)  # what a full prefill would have held
         streamed = {"streamed": {"chunk_tokens": stream_chunk, "peak_kv_bytes": outcome.peak_kv_bytes,
                                  "compressions": outcome.compressions}}
     else:

@@ -92,3 +92,22 @@ def test_masked_attention_in_query_blocks_equals_one_block(engine, monkeypatch):
     monkeypatch.setattr(attention, "MASKED_SCORE_ELEMENTS", 1)  # one query per block
     torch.testing.assert_close(engine.feed(compressed.fork(), ids[200:], chunk_tokens=100), whole, rtol=1e-4,
                                atol=1e-4)
+
+
+def test_sliding_layers_count_their_window_not_the_document_when_deciding_to_stream(tiny_gemma3, tmp_path):
+    """Gemma 3's local layers hold at most window - 1 tokens plus a chunk: a document whose full cache fits the
+    limit on that count is prefilled whole, though every layer at full length would not fit."""
+    from kvlab.engine.streaming import full_cache_bytes
+
+    gemma = Engine(tiny_gemma3, chunk_tokens=64)
+    text = "The harbour master counted the boats. " * 60
+    context = int(gemma.prompt(text, "").prefix_ids.numel())
+    full = full_cache_bytes(gemma, context)
+    assert gemma.prefill(gemma.prompt(text, "").prefix_ids).cache.held_bytes <= full
+    windows = [spec.window_tokens for spec in gemma.layout if spec.window_tokens is not None]
+    assert windows and context > max(windows) + 64
+    assert full < context * kv_bytes_per_token(gemma)
+    limit = (full + context * kv_bytes_per_token(gemma)) // 2
+    roomy = compress_document(gemma, text, make_policy("streaming_llm"), ratio=0.75,
+                              store=CacheStore(tmp_path / "store"), max_kv_bytes=limit)
+    assert "streamed" not in roomy.meta.extra
