@@ -237,7 +237,7 @@ class PagedLayerCache(LayerCache):
         highest bounds, k = ``read_pages``."""
         count = self.read_pages()
         if count >= self.pages:
-            return torch.arange(self.pages, device=self.summary.device).expand(self.spec.kv_heads, -1)
+            return self._all_pages()
         bounds = self.page_bounds(query, grouped).masked_fill_(self._forced, math.inf)
         return bounds.topk(count, dim=1, sorted=False).indices
 
@@ -245,8 +245,8 @@ class PagedLayerCache(LayerCache):
         """(kv_heads, pages) each: the first and last position held in each page (a page of padding alone spans
         nothing: first above last)."""
         if self._page_span is None:
-            positions = self._page_positions(self._all_pages())
-            shaped = positions.reshape(self.spec.kv_heads, self.pages, self.page_tokens)
+            shaped = self.base.positions[:, :self.paged_slots].reshape(self.spec.kv_heads, self.pages,
+                                                                        self.page_tokens)
             real = shaped != PADDING_POSITION
             first = torch.where(real, shaped, torch.iinfo(shaped.dtype).max).amin(dim=2)
             self._page_span = (first, torch.where(real, shaped, PADDING_POSITION).amax(dim=2))
