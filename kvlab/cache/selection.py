@@ -55,3 +55,16 @@ def select_slots(layer: LayerCache, ranked_scores: torch.Tensor, counts: torch.T
     values = layer.values.gather(1, gather_index) * kept[..., None]
     new_positions = positions.gather(-1, top).masked_fill(~kept, PADDING_POSITION)
     return LayerCache(layer.spec, keys, values, new_positions)
+
+
+def keep_newest(layer: LayerCache, count: int, compressible_tokens: int) -> LayerCache:
+    """Keep, per head, the ``count`` newest slots before ``compressible_tokens`` plus every slot at or past it: a
+    sliding-window layer trimmed to a shorter window, still contiguous in positions, so the layer keeps dropping its
+    oldest slots as it slides. The layer itself when it holds no more than that."""
+    positions = layer.positions
+    before = (positions != PADDING_POSITION) & (positions < compressible_tokens)
+    if not positions.numel() or int(before.sum(dim=-1).max()) <= count:
+        return layer
+    ranked = positions.float().masked_fill(~before, float("-inf"))
+    counts = torch.full((positions.shape[0],), count, dtype=torch.long, device=positions.device)
+    return select_slots(layer, ranked, counts, compressible_tokens)

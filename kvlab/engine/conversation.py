@@ -65,12 +65,13 @@ class CompressionRule:
             return False
         return cache.kept_tokens() > math.floor(self.budget_tokens * (1 + self.headroom))
 
-    def apply(self, cache: KVCache, observations: Observations, protected_from: int) -> tuple[KVCache, float]:
+    def apply(self, cache: KVCache, observations: Observations, protected_from: int, *,
+              trim_sliding: bool = True) -> tuple[KVCache, float]:
         """Compress ``cache`` back to the budget; tokens at or after ``protected_from`` (the newest question) stay.
-        Returns (new cache, seconds)."""
+        ``trim_sliding``: see ``engine.compress.compress``. Returns (new cache, seconds)."""
         started = time.perf_counter()
         compressed, _ = compress(cache.dense(), self.policy, observations, budget_tokens=self.budget_tokens,
-                                 compressible_tokens=protected_from)
+                                 compressible_tokens=protected_from, trim_sliding=trim_sliding)
         if self.kv_quant is not None:
             compressed = quantize_in_memory(compressed, self.kv_quant)
         return compressed, time.perf_counter() - started

@@ -125,7 +125,9 @@ def streaming_prefill(engine: Engine, token_ids: torch.Tensor, policy: Policy, b
         if rule.over_budget(cache):
             observations = recorder.finish(None) if recorder is not None else Observations()
             began = time.perf_counter()
-            compressed, _ = rule.apply(cache, observations, protected_from=cache.num_tokens)  # the chunk is not spared
+            last = start + int(piece.numel()) >= total  # sliding layers are trimmed once, after the last chunk
+            compressed, _ = rule.apply(cache, observations, protected_from=cache.num_tokens,  # the chunk is not spared
+                                       trim_sliding=last)
             del observations, recorder
             cache = _reuse_buffers(cache, compressed)
             release_freed_memory()

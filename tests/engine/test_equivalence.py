@@ -10,7 +10,9 @@ from transformers.cache_utils import DynamicCache
 from kvlab.bench.haystack import paragraphs
 from kvlab.cache.hf import cache_argument
 from kvlab.cache.kvcache import PADDING_POSITION, KVCache, LayerCache
+from kvlab.cache.observations import Observations
 from kvlab.engine import Engine, SamplingConfig
+from kvlab.engine.compress import compress
 from kvlab.engine.runner import ModelRunner
 from kvlab.policies import make_policy
 
@@ -249,7 +251,9 @@ def test_padding_slots_do_not_change_logits(tiny_llama, arrangement):
 
 # -- hybrid models ---------------------------------------------------------------------------------------------------
 
-def test_gemma3_sliding_layers_untouched_by_compression(tiny_gemma3):
+def test_gemma3_sliding_layers_keep_their_newest_tokens(tiny_gemma3):
+    """At ratio 0.5 a sliding layer (window 16: 15 slots) keeps its newest ceil(15 * 75 / 150) = 8 slots, which
+    then slide on as the window does: appended tokens push the oldest out once the layer holds 15."""
     engine = Engine(tiny_gemma3, chunk_tokens=64)
     ids = torch.randint(3, 259, (150,), generator=torch.Generator().manual_seed(8))
     policy = make_policy("snapkv")
@@ -258,12 +262,36 @@ def test_gemma3_sliding_layers_untouched_by_compression(tiny_gemma3):
     cache, budget, _ = engine.compress(result, policy, ratio=0.5)
     for kept, original in zip(cache.layers, before.layers):
         if kept.spec.kind == "sliding":
-            assert torch.equal(kept.keys, original.keys)
-            assert torch.equal(kept.values, original.values)
-            assert torch.equal(kept.positions, original.positions)
-            assert kept.positions.shape[-1] == 15
+            assert original.positions.shape[-1] == 15
+            assert torch.equal(kept.keys, original.keys[:, -8:])
+            assert torch.equal(kept.values, original.values[:, -8:])
+            assert kept.positions.tolist() == [list(range(142, 150))]
         else:
             assert kept.positions.shape[-1] == budget < original.positions.shape[-1] == 150
+    for layer, original in zip(result.cache.layers, before.layers):  # the prefill's own cache is untouched
+        assert torch.equal(layer.positions, original.positions)
+    runner = ModelRunner(tiny_gemma3.model, cache)
+    for step, token in enumerate(range(40, 52)):  # 12 tokens: the trimmed layers fill up to 15, then slide
+        runner.feed(torch.tensor([token]))
+        for layer in cache.layers:
+            if layer.spec.kind == "sliding":
+                newest = 150 + step
+                held = min(8 + step + 1, 15)
+                assert layer.positions.tolist() == [list(range(newest - held + 1, newest + 1))]
+
+
+def test_gemma3_compressing_again_at_the_same_budget_changes_no_sliding_layer(tiny_gemma3):
+    """The sliding share depends on the budget, not on what the layer holds: a second pass keeps every slot."""
+    engine = Engine(tiny_gemma3, chunk_tokens=64)
+    ids = torch.randint(3, 259, (150,), generator=torch.Generator().manual_seed(8))
+    policy = make_policy("knorm")
+    result = engine.prefill(ids)
+    once, budget, _ = engine.compress(result, policy, ratio=0.75)
+    twice, _ = compress(once, policy, Observations(), budget_tokens=budget)
+    for first, second in zip(once.layers, twice.layers):
+        assert torch.equal(first.positions, second.positions)
+    kept = [layer.slots for layer in once.layers if layer.spec.kind == "sliding"]
+    assert kept and set(kept) == {4}  # ceil(15 * 38 / 150)
 
 
 def test_decoding_a_compressed_copy_leaves_the_prefill_untouched(tiny_gemma3):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kvlab.engine import Engine
+from kvlab.engine.compress import sliding_budget
 from kvlab.engine.streaming import kv_bytes_per_token, streaming_prefill
 from kvlab.errors import BudgetError
 from kvlab.policies import make_policy
@@ -111,3 +112,29 @@ def test_sliding_layers_count_their_window_not_the_document_when_deciding_to_str
     roomy = compress_document(gemma, text, make_policy("streaming_llm"), ratio=0.75,
                               store=CacheStore(tmp_path / "store"), max_kv_bytes=limit)
     assert "streamed" not in roomy.meta.extra
+
+
+def test_sliding_layers_keep_the_whole_window_while_streaming_and_are_trimmed_once_at_the_end(tiny_gemma3):
+    """Between chunks a sliding layer keeps its window (the next chunk needs it); after the last chunk it holds its
+    newest ``sliding_budget`` tokens, as compress-after-prefill leaves it."""
+    engine = Engine(tiny_gemma3, chunk_tokens=32)
+    ids = torch.randint(3, 259, (200,), generator=torch.Generator().manual_seed(3))
+    policy, budget = make_policy("knorm"), 50
+    held_after_chunk = []
+    streamed = streaming_prefill(engine, ids, policy, budget, chunk_tokens=32,
+                                 on_chunk=lambda fed, held: held_after_chunk.append(held))
+    assert streamed.compressions >= 4
+    sliding = [layer for layer in streamed.cache.layers if layer.spec.kind == "sliding"]
+    keep = sliding_budget(sliding[0].spec, budget, 200)
+    assert keep == 4  # ceil(15 * 50 / 200)
+    for layer in sliding:
+        assert layer.positions.tolist() == [list(range(200 - keep, 200))]
+    after, _, _ = engine.compress(engine.prefill(ids), policy, budget_tokens=budget)
+    assert [layer.slots for layer in after.layers if layer.spec.kind == "sliding"] == [keep] * len(sliding)
+    # Between chunks (after a compression) every sliding layer still holds its whole window (15 slots) and every
+    # full layer the budget: the next chunk reads its whole local context, as a whole prefill would.
+    slot_bytes = [2 * spec.kv_heads * spec.head_dim * 4 for spec in engine.layout]
+    between = sum(size * (15 if spec.kind == "sliding" else budget) for spec, size in zip(engine.layout, slot_bytes))
+    assert held_after_chunk[3:-1] and set(held_after_chunk[3:-1]) == {between}
+    trimmed = sum(size * (keep if spec.kind == "sliding" else budget) for spec, size in zip(engine.layout, slot_bytes))
+    assert held_after_chunk[-1] == trimmed == streamed.cache.held_bytes

@@ -12,7 +12,7 @@ from kvlab.cache.kvcache import PADDING_POSITION
 from kvlab.cache.observations import ObservationRequest
 from kvlab.cache.selection import eligible_scores, protection_mask
 from kvlab.engine import Engine
-from kvlab.engine.compress import budget_from_ratio
+from kvlab.engine.compress import budget_from_ratio, sliding_budget
 from kvlab.policies import list_policies, make_policy
 from kvlab.policies.base import ScoreInputs
 from kvlab.policies.budgets import GlobalBudget, HeadwiseBudget, KeepAllBudget, PyramidBudget, UniformBudget
@@ -166,10 +166,17 @@ def test_budget_at_half_ratio(model_name, policy_name, prefills):
             assert total - kv_heads * len(full_layers) <= int(counts.sum()) <= total
     else:
         pytest.fail(f"no budget check for rule {type(rule).__name__}; add one here")
-    # sliding layers are never compressed
+    # sliding layers keep their newest tokens, at the full layers' share of their window (all of them under a
+    # policy that evicts nothing)
     for kept, original in zip(cache.layers, result.cache.layers):
-        if kept.spec.kind == "sliding":
+        if kept.spec.kind == "sliding" and policy.keeps_all_tokens:
             assert torch.equal(kept.positions, original.positions)
+        elif kept.spec.kind == "sliding":
+            keep = sliding_budget(kept.spec, budget, context)
+            assert keep == -(-min(kept.spec.retained_tokens, context) * budget // context) < original.slots
+            assert torch.equal(kept.positions, original.positions[:, -keep:])
+            assert torch.equal(kept.keys, original.keys[:, -keep:])
+            assert torch.equal(kept.values, original.values[:, -keep:])
 
 
 @pytest.mark.parametrize("policy_name", POLICIES)
