@@ -9,6 +9,8 @@ to `--full-max-tokens`, the same compression after a full prefill. Documents pas
 
     python benchmarks/streaming_memory.py --lengths 16384,65536 --budget 2048 \
         --out benchmarks/results/streaming_memory_smollm2.json
+    python benchmarks/streaming_memory.py --lengths 65536 --kinds full --full-max-tokens 65536 \
+        --out benchmarks/results/streaming_memory_smollm2_64k_full.json      # the full prefill beside it (~1 h)
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def main() -> None:
     parser.add_argument("--max-kv-memory", default="512MiB", help="the streaming runs' bound on held KV memory")
     parser.add_argument("--full-max-tokens", type=int, default=16384,
                         help="longest document also compressed after a full prefill (its attention is quadratic)")
+    parser.add_argument("--kinds", default="streaming,full",
+                        help="which runs per length: streaming, full (a full prefill, up to --full-max-tokens) or both")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     from kvlab.bench.haystack import build_haystack
@@ -50,7 +54,11 @@ def main() -> None:
             document = Path(folder) / f"doc{length}.txt"
             document.write_text(build_haystack(count, length, seed=length, needle="The pass key is 73019.",
                                                depth=0.5).text)
-            kinds = ["streaming"] + (["full prefill"] if length <= args.full_max_tokens else [])
+            wanted = {item.strip() for item in args.kinds.split(",")}
+            if not wanted <= {"streaming", "full"}:
+                raise SystemExit(f"--kinds takes streaming, full or both (got {args.kinds})")
+            kinds = (["streaming"] if "streaming" in wanted else []) + (
+                ["full prefill"] if "full" in wanted and length <= args.full_max_tokens else [])
             for kind in kinds:
                 runs.append(run(args, kind, length, document, Path(folder) / f"cache-{kind[:4]}-{length}"))
                 print_run(runs[-1])

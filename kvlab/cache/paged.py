@@ -39,7 +39,7 @@ import torch
 
 from kvlab.cache.kvcache import PADDING_POSITION, LayerCache, empty_layer
 from kvlab.cache.quantized import CODE_FIELDS, QuantizedLayerCache, dequantize_codes_into
-from kvlab.cache.rope import rotate_by
+from kvlab.cache.rope import grouped_shift, rotate_by
 from kvlab.errors import ParameterError
 
 SUMMARY_DTYPE = torch.float32
@@ -272,7 +272,7 @@ class PagedLayerCache(LayerCache):
             self._read_pages_into(chosen, keys, torch.empty_like(keys))
             positions = self._page_positions(chosen)
             real = positions != PADDING_POSITION
-            shift = torch.where(real, positions // group - positions, 0)
+            shift = torch.where(real, grouped_shift(positions, group), 0)
             moved = rotate_by(keys.to(SUMMARY_DTYPE), shift, self.spec.rope_theta)
             moved = moved.reshape(heads, -1, size, dim)
             real = real.reshape(heads, -1, size, 1)

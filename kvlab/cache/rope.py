@@ -35,3 +35,9 @@ def rotate_by(x: torch.Tensor, shift: torch.Tensor, theta: float) -> torch.Tenso
     torch.mul(first, cos, out=rotated[..., :half]).addcmul_(second, sin, value=-1.0)
     torch.mul(second, cos, out=rotated[..., half:]).addcmul_(first, sin)
     return rotated.to(x.dtype)
+
+
+def grouped_shift(positions: torch.Tensor, group: int) -> torch.Tensor:
+    """How far Self-Extend moves a key at position p: to its grouped position p // group (Jin et al., 2024).
+    Shared by the attention (``engine.self_extend``) and the page bounds that must cover it (``cache.paged``)."""
+    return positions // group - positions

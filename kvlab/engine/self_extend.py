@@ -26,7 +26,7 @@ from kvlab.cache.kernels import flash_available, flash_with_lse, merge_by_lse
 from kvlab.cache.kvcache import PADDING_POSITION, LayerCache
 from kvlab.cache.layout import LayerSpec
 from kvlab.cache.paged import GroupedQuery
-from kvlab.cache.rope import rotate_by
+from kvlab.cache.rope import grouped_shift, rotate_by
 from kvlab.errors import UnsupportedModelError
 from kvlab.models.extension import SelfExtend
 
@@ -58,7 +58,7 @@ def self_extend_attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     shared = _shares_positions(positions, valid)
     # heads holding the same slots move alike: the rotation's angles are computed once for all of them
     key_positions = positions[0] if shared else torch.where(valid, positions, torch.zeros_like(positions))
-    grouped_keys = rotate_by(keys[0], key_positions // size - key_positions, theta)
+    grouped_keys = rotate_by(keys[0], grouped_shift(key_positions, size), theta)
     queries = query[0].reshape(kv_heads, group, count, dim)
     grouped_queries = rotate_by(queries, _query_shift(query_positions, extension), theta)
     if flash_available(query):
