@@ -43,6 +43,9 @@ def main() -> None:
                         help="which runs per length: streaming, full (a full prefill, up to --full-max-tokens) or both")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    wanted = {item.strip() for item in args.kinds.split(",")}
+    if not wanted <= {"streaming", "full"}:
+        raise SystemExit(f"--kinds takes streaming, full or both (got {args.kinds})")
     from kvlab.bench.haystack import build_haystack
     from kvlab.models import load_model
 
@@ -54,9 +57,6 @@ def main() -> None:
             document = Path(folder) / f"doc{length}.txt"
             document.write_text(build_haystack(count, length, seed=length, needle="The pass key is 73019.",
                                                depth=0.5).text)
-            wanted = {item.strip() for item in args.kinds.split(",")}
-            if not wanted <= {"streaming", "full"}:
-                raise SystemExit(f"--kinds takes streaming, full or both (got {args.kinds})")
             kinds = (["streaming"] if "streaming" in wanted else []) + (
                 ["full prefill"] if "full" in wanted and length <= args.full_max_tokens else [])
             for kind in kinds:
